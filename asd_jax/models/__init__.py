@@ -1,0 +1,1 @@
+"""Networks: the Wan DiT (and, later, the VAE, umT5 and discriminator heads)."""

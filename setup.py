@@ -1,0 +1,39 @@
+"""asd_jax: Adversarial Self-Distillation for one-step causal video generation, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="asd_jax",
+    version="0.1.0",
+    description=("Adversarial Self-Distillation for few-step causal video generation "
+                 "(Wan 2.1) in JAX/Flax, for TPU pods and GPUs."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["asd_jax", "asd_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "einops",
+        "transformers",
+        "tensorflow-datasets",
+        "safetensors",
+        "numpy",
+        "ml_dtypes",
+        "tqdm",
+    ],
+    extras_require={
+        "convert": ["torch"],
+        "test": [
+            "torch==2.13.0",
+            "diffusers",
+            "accelerate",
+            "sentencepiece",
+            "pytest",
+            "psutil",
+        ],
+    },
+)
