@@ -25,131 +25,21 @@ Calls:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import math
 from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from asd_jax.models.attention import attention
+from asd_jax.models.wan_config import PRESETS, REMAT_POLICIES, WanConfig
+from asd_jax.models.wan_layers import (Block, Dense, Head, MLP, PatchEmbed, block_causal_mask,
+                                      rope_cos_sin, sinusoidal_embedding)
+
+__all__ = ["WanConfig", "PRESETS", "KVCache", "WanModel", "init_params", "abstract_params",
+           "logical_axes"]
 
 Array = jax.Array
-
-# ----------------------------------------------------------------------------------------------
-# Config.
-
-
-@dataclasses.dataclass(frozen=True)
-class WanConfig:
-  """Architecture and execution settings of a Wan 2.1 DiT.
-
-  The architecture fields match the original `WanModel` arguments; `config.json` written by the
-  converter holds exactly `to_dict()`.
-  """
-  dim: int = 1536
-  ffn_dim: int = 8960
-  num_heads: int = 12
-  num_layers: int = 30
-  freq_dim: int = 256
-  text_dim: int = 4096
-  text_len: int = 512
-  patch_size: tuple[int, int, int] = (1, 2, 2)
-  in_channels: int = 16
-  out_channels: int = 16
-  eps: float = 1e-6
-  qk_norm: bool = True
-  cross_attn_norm: bool = True
-  rope_max_len: int = 1024
-  rope_theta: float = 10000.0
-  # Execution (not architecture): free to change at load time.
-  dtype: str = "float32"  # compute dtype of matmuls and attention: float32 | bfloat16
-  param_dtype: str = "float32"
-  precision: str | None = None  # lax.Precision for matmuls; "highest" for fp32 parity on TPU
-  attention_impl: str = "auto"  # see asd_jax.models.attention
-  remat_policy: str = "none"  # none | full | dots | dots_no_batch
-  scan_layers: bool = True  # False unrolls the layer loop (faster run, slower compile)
-  chunk_frames: int = 3  # latent frames per causal chunk
-
-  ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len",
-                 "patch_size", "in_channels", "out_channels", "eps", "qk_norm", "cross_attn_norm",
-                 "rope_max_len", "rope_theta")
-
-  def __post_init__(self):
-    object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-    self.validate()
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.num_heads
-
-  @property
-  def patch_volume(self) -> int:
-    return math.prod(self.patch_size)
-
-  def validate(self) -> None:
-    if self.dim % self.num_heads:
-      raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}.")
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings.")
-    if self.freq_dim % 2:
-      raise ValueError(f"freq_dim {self.freq_dim} must be even.")
-    if len(self.patch_size) != 3:
-      raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}.")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)}.")
-    if self.remat_policy not in _REMAT_POLICIES:
-      raise ValueError(f"remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
-                       f"got '{self.remat_policy}'.")
-    if self.chunk_frames < 1:
-      raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}.")
-
-  def replace(self, **changes) -> "WanConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["patch_size"] = list(self.patch_size)
-    return d
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "WanConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"Unknown WanConfig fields {unknown}; known: {sorted(names)}.")
-    return cls(**d)
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "WanConfig":
-    """'1.3b', '14b' (Wan 2.1 T2V) or 'tiny' (a few-thousand-parameter model for tests)."""
-    key = name.lower().replace("wan", "").replace("-", "").replace("_", "").strip()
-    if key not in PRESETS:
-      raise ValueError(f"Unknown Wan preset '{name}'; choose one of {sorted(PRESETS)}.")
-    return cls(**{**PRESETS[key], **overrides})
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "tiny": dict(dim=48, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=32),
-}
-
-_REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 # ----------------------------------------------------------------------------------------------
 # KV cache.
@@ -176,334 +66,6 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# Numerics shared by the layers.
-
-
-def _layer_norm(x: Array, eps: float) -> Array:
-  """LayerNorm without affine params, in float32 (two-pass variance, as torch)."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  xc = x - mean
-  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-  return xc * jax.lax.rsqrt(var + eps)
-
-
-def sinusoidal_embedding(t: Array, dim: int) -> Array:
-  """[...] float timesteps in [0, 1000] -> [..., dim] as concat(cos, sin), float32."""
-  half = dim // 2
-  freqs = jnp.asarray(np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / half),
-                      jnp.float32)
-  arg = t.astype(jnp.float32)[..., None] * freqs
-  return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
-
-
-def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
-  """Real channels given to (time, height, width): d - 4*(d//6), 2*(d//6), 2*(d//6)."""
-  hw = 2 * (head_dim // 6)
-  return head_dim - 2 * hw, hw, hw
-
-
-@functools.lru_cache(maxsize=16)
-def _rope_angle_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, ...]:
-  """Per-axis angle tables [max_len, axis_dim // 2], computed in float64 like the reference."""
-  tables = []
-  for d in rope_axis_dims(head_dim):
-    inv = 1.0 / theta**(np.arange(0, d, 2, dtype=np.float64) / d)
-    tables.append(np.outer(np.arange(max_len, dtype=np.float64), inv))
-  return tuple(tables)
-
-
-def rope_cos_sin(cfg: WanConfig, frames: int, height: int, width: int,
-                 frame_offset: Array | int = 0) -> tuple[Array, Array]:
-  """cos, sin of the 3D RoPE angles, each [frames * height * width, head_dim // 2] float32.
-
-  Token order is (f, h, w) row-major; the time position is `frame_offset + f`.
-  """
-  tf, th, tw = _rope_angle_tables(cfg.head_dim, cfg.rope_max_len, cfg.rope_theta)
-  cos_sin = []
-  for fn in (np.cos, np.sin):
-    t_tab, h_tab, w_tab = (jnp.asarray(fn(a), jnp.float32) for a in (tf, th, tw))
-    f_pos = frame_offset + jnp.arange(frames)
-    parts = [
-        jnp.broadcast_to(t_tab[f_pos][:, None, None], (frames, height, width, t_tab.shape[1])),
-        jnp.broadcast_to(h_tab[:height][None, :, None], (frames, height, width, h_tab.shape[1])),
-        jnp.broadcast_to(w_tab[:width][None, None, :], (frames, height, width, w_tab.shape[1])),
-    ]
-    cos_sin.append(jnp.concatenate(parts, axis=-1).reshape(frames * height * width, -1))
-  return cos_sin[0], cos_sin[1]
-
-
-def apply_rope(x_BTND: Array, cos_TK: Array, sin_TK: Array) -> Array:
-  """Rotates interleaved channel pairs (x[2i], x[2i+1]) as complex numbers; float32 math."""
-  dtype = x_BTND.dtype
-  x = x_BTND.astype(jnp.float32).reshape(*x_BTND.shape[:-1], -1, 2)
-  x1, x2 = x[..., 0], x[..., 1]
-  c, s = cos_TK[None, :, None, :], sin_TK[None, :, None, :]
-  out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
-  return out.reshape(x_BTND.shape).astype(dtype)
-
-
-def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int) -> Array:
-  """[1, 1, T, T] bool: a query of chunk c sees keys of chunks <= c."""
-  chunk = np.arange(frames) // chunk_frames
-  chunk = np.repeat(chunk, tokens_per_frame)
-  return jnp.asarray(chunk[:, None] >= chunk[None, :])[None, None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers.
-
-
-def _init(axes: tuple[str | None, ...], base=nn.initializers.xavier_uniform()):
-  return nn.with_logical_partitioning(base, axes)
-
-
-class Dense(nn.Module):
-  """Linear layer with logical axis names; kernel [in, out] (a torch weight transposed)."""
-  features: int
-  axes: tuple[str | None, str | None]
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  precision: str | None = None
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", _init(self.axes), (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", _init((self.axes[1],), nn.initializers.zeros), (self.features,),
-                      self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
-    return y + bias.astype(self.dtype)
-
-
-class RMSNorm(nn.Module):
-  """RMSNorm over the last axis with a learned scale, computed in float32."""
-  eps: float
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", _init((self.axis_name,), nn.initializers.ones), (x.shape[-1],),
-                       jnp.float32)
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-class AffineLayerNorm(nn.Module):
-  """LayerNorm with scale and bias, float32 (`norm3` of the original block)."""
-  eps: float
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    d = x.shape[-1]
-    scale = self.param("scale", _init(("embed",), nn.initializers.ones), (d,), jnp.float32)
-    bias = self.param("bias", _init(("embed",), nn.initializers.zeros), (d,), jnp.float32)
-    return _layer_norm(x, self.eps) * scale + bias
-
-
-class Attention(nn.Module):
-  """q, k, v, o projections with RMSNorm on q and k over the full width (before the head split)."""
-  cfg: WanConfig
-
-  def setup(self):
-    cfg = self.cfg
-    dense = functools.partial(Dense, dtype=jnp.dtype(cfg.dtype),
-                              param_dtype=jnp.dtype(cfg.param_dtype), precision=cfg.precision)
-    self.q = dense(cfg.dim, ("embed", "qkv"))
-    self.k = dense(cfg.dim, ("embed", "qkv"))
-    self.v = dense(cfg.dim, ("embed", "qkv"))
-    self.o = dense(cfg.dim, ("qkv", "embed"))
-    if cfg.qk_norm:
-      self.norm_q = RMSNorm(cfg.eps, "qkv")
-      self.norm_k = RMSNorm(cfg.eps, "qkv")
-
-  def _heads(self, x: Array) -> Array:
-    return x.reshape(*x.shape[:-1], self.cfg.num_heads, self.cfg.head_dim)
-
-  def query(self, x: Array) -> Array:
-    q = self.q(x)
-    return self._heads(self.norm_q(q) if self.cfg.qk_norm else q)
-
-  def key_value(self, src: Array) -> tuple[Array, Array]:
-    k = self.k(src)
-    k = self.norm_k(k) if self.cfg.qk_norm else k
-    return self._heads(k), self._heads(self.v(src))
-
-  def out(self, a_BTND: Array) -> Array:
-    return self.o(a_BTND.reshape(*a_BTND.shape[:-2], -1))
-
-  def __call__(self, x: Array, src: Array) -> Array:  # used by init only
-    k, v = self.key_value(src)
-    return self.out(attention(self.query(x), k, v, impl="xla"))
-
-
-class Block(nn.Module):
-  """One transformer block, written for `nn.scan` over the stacked layers.
-
-  mode: "full" (whole sequence; optional boolean mask), "chunk" (one causal chunk against the KV
-  cache slices of this layer, which it updates), "context" (only the cross-attention K/V of the text).
-  carry = (x [B, F, S, dim] float32, taps buffer or None); xs = per-layer slices (layer index and,
-  in chunk mode, the cache). Returns (carry, per-layer outputs).
-  """
-  cfg: WanConfig
-  mode: str = "full"
-  taps: tuple[int, ...] = ()
-  sink_frames: int = 0
-
-  @nn.compact
-  def __call__(self, carry, e0, rope, ctx, attn_args, xs):
-    cfg = self.cfg
-    cdt = jnp.dtype(cfg.dtype)
-    self_attn = Attention(cfg, name="self_attn")
-    cross_attn = Attention(cfg, name="cross_attn")
-
-    if self.mode == "context":
-      k, v = cross_attn.key_value(ctx)
-      return carry, {"cross_k": k.astype(cdt), "cross_v": v.astype(cdt)}
-
-    x, taps_buf = carry
-    B, F, S, D = x.shape
-    modulation = self.param("modulation",
-                            _init((None, "embed"), nn.initializers.normal(D**-0.5)), (6, D),
-                            jnp.float32)
-    e = modulation[None, None] + e0  # [B, F, 6, D] float32
-    shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
-        e[:, :, i, None, :] for i in range(6))
-
-    # Self-attention.
-    h = (_layer_norm(x, cfg.eps) * (1 + scale_msa) + shift_msa).astype(cdt).reshape(B, F * S, D)
-    cos, sin = rope
-    q = apply_rope(self_attn.query(h), cos, sin)
-    k, v = self_attn.key_value(h)
-    k = apply_rope(k, cos, sin)
-    new_cache = None
-    if self.mode == "chunk":
-      k_cache, v_cache = _write_chunk(xs["k"], xs["v"], k.astype(xs["k"].dtype),
-                                      v.astype(xs["v"].dtype), attn_args["frame_offset"], F, S,
-                                      self.sink_frames)
-      new_cache = {"k": k_cache, "v": v_cache}
-      a = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                    kv_lengths=attn_args["kv_lengths"], impl=cfg.attention_impl)
-    else:
-      a = attention(q, k, v, mask=attn_args.get("mask"), impl=cfg.attention_impl)
-    y = self_attn.out(a).reshape(B, F, S, D)
-    x = x + y.astype(jnp.float32) * gate_msa
-
-    # Cross-attention to the text (no mask over the 512 positions, as the original).
-    h = AffineLayerNorm(cfg.eps, name="norm3")(x) if cfg.cross_attn_norm else x
-    h = h.astype(cdt).reshape(B, F * S, D)
-    if self.mode == "chunk":
-      ck, cv = xs["cross_k"].astype(cdt), xs["cross_v"].astype(cdt)
-    else:
-      ck, cv = cross_attn.key_value(ctx)
-    y = cross_attn.out(attention(cross_attn.query(h), ck, cv, impl=cfg.attention_impl))
-    x = x + y.astype(jnp.float32).reshape(B, F, S, D)
-
-    # Feed-forward.
-    h = (_layer_norm(x, cfg.eps) * (1 + scale_ffn) + shift_ffn).astype(cdt)
-    y = MLP(cfg, cfg.ffn_dim, (("embed", "mlp"), ("mlp", "embed")), "gelu", cdt, name="ffn")(h)
-    x = x + y.astype(jnp.float32) * gate_ffn
-
-    if self.taps:
-      taps_buf = _record_tap(taps_buf, x, xs["index"], self.taps, cfg.num_layers)
-    return (x, taps_buf), new_cache
-
-
-class MLP(nn.Module):
-  """fc1 -> activation -> fc2 (the text/time embeddings and the block FFN)."""
-  cfg: WanConfig
-  hidden: int
-  axes: tuple[tuple, tuple]  # logical axes of fc1 and fc2 kernels
-  act: str  # gelu (tanh approximation) | silu
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                              precision=cfg.precision)
-    h = dense(self.hidden, self.axes[0], name="fc1")(x)
-    h = jax.nn.gelu(h, approximate=True) if self.act == "gelu" else nn.silu(h)
-    return dense(cfg.dim, self.axes[1], name="fc2")(h)
-
-
-class PatchEmbed(nn.Module):
-  """Conv3d with kernel = stride = patch, as a matmul: [B, F, H, W, C] -> [B, F', H'*W', dim] f32."""
-  cfg: WanConfig
-
-  @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, tuple[int, int, int]]:
-    cfg = self.cfg
-    B, F, H, W, C = x.shape
-    pt, ph, pw = cfg.patch_size
-    if F % pt or H % ph or W % pw:
-      raise ValueError(f"x frames/height/width {(F, H, W)} must be divisible by the patch "
-                       f"size {cfg.patch_size}.")
-    grid = (F // pt, H // ph, W // pw)
-    pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    kernel = self.param("kernel", _init((None, None, None, None, "embed")),
-                        (pt, ph, pw, C, cfg.dim), pdt)
-    bias = self.param("bias", _init(("embed",), nn.initializers.zeros), (cfg.dim,), pdt)
-    xp = x.reshape(B, grid[0], pt, grid[1], ph, grid[2], pw, C)
-    tokens = jnp.einsum("bfahcwdk,acdke->bfhwe", xp.astype(cdt), kernel.astype(cdt),
-                        precision=cfg.precision) + bias.astype(cdt)
-    return tokens.reshape(B, grid[0], grid[1] * grid[2], cfg.dim).astype(jnp.float32), grid
-
-
-class Head(nn.Module):
-  """Output head, modulated by e (not e0), float32; unpatchifies to [B, F, H, W, C_out]."""
-  cfg: WanConfig
-
-  @nn.compact
-  def __call__(self, x: Array, e: Array, grid: tuple[int, int, int]) -> Array:
-    cfg = self.cfg
-    B = x.shape[0]
-    modulation = self.param("modulation",
-                            _init((None, "embed"), nn.initializers.normal(cfg.dim**-0.5)),
-                            (2, cfg.dim), jnp.float32)
-    mod = modulation[None, None] + e[:, :, None, :]  # [B, F', 2, dim]
-    shift, scale = mod[:, :, 0, None, :], mod[:, :, 1, None, :]
-    h = _layer_norm(x, cfg.eps) * (1 + scale) + shift
-    out = Dense(cfg.out_channels * cfg.patch_volume, ("embed", None), dtype=jnp.float32,
-                param_dtype=jnp.dtype(cfg.param_dtype), precision=cfg.precision, name="head")(h)
-    pt, ph, pw = cfg.patch_size
-    f, hh, ww = grid
-    out = out.reshape(B, f, hh, ww, pt, ph, pw, cfg.out_channels)
-    out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return out.reshape(B, f * pt, hh * ph, ww * pw, cfg.out_channels)
-
-
-def _record_tap(buf: Array, x: Array, index: Array, taps: tuple[int, ...], num_layers: int):
-  """Writes x into buf[slot] when layer `index` is a tapped layer (one slot copied, not the buffer)."""
-  table = np.full((num_layers,), -1, np.int32)
-  for slot, layer in enumerate(taps):
-    table[layer] = slot
-  slot = jnp.asarray(table)[index]
-  safe = jnp.maximum(slot, 0)
-  current = jax.lax.dynamic_index_in_dim(buf, safe, axis=0, keepdims=False)
-  new = jnp.where(slot >= 0, x, current)
-  return jax.lax.dynamic_update_index_in_dim(buf, new, safe, axis=0)
-
-
-def cache_slot(frame: Array, capacity: int, sink: int) -> Array:
-  """Cache frame slot of absolute frame `frame`: itself below capacity, then a ring after the sink."""
-  ring = capacity - sink
-  return jnp.where(frame < capacity, frame, sink + (frame - sink) % ring)
-
-
-def _write_chunk(k_cache: Array, v_cache: Array, k: Array, v: Array, frame_offset: Array,
-                 frames: int, tokens_per_frame: int, sink: int) -> tuple[Array, Array]:
-  """Writes a chunk's K/V ([B, frames * S, N, D]) into its frame slots of the cache."""
-  capacity = k_cache.shape[1] // tokens_per_frame
-  for j in range(frames):
-    start = cache_slot(frame_offset + j, capacity, sink) * tokens_per_frame
-    sl = slice(j * tokens_per_frame, (j + 1) * tokens_per_frame)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k[:, sl], start, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, sl], start, axis=1)
-  return k_cache, v_cache
-
-
-# ----------------------------------------------------------------------------------------------
 # The model.
 
 
@@ -514,7 +76,7 @@ class WanModel(nn.Module):
   def _blocks(self, mode: str, taps: tuple[int, ...] = (), sink_frames: int = 0):
     cfg = self.config
     block = Block
-    policy = _REMAT_POLICIES[cfg.remat_policy]
+    policy = REMAT_POLICIES[cfg.remat_policy]
     if cfg.remat_policy != "none":
       block = nn.remat(Block, policy=policy, prevent_cse=False)
     stack = nn.scan(
@@ -578,6 +140,7 @@ class WanModel(nn.Module):
                context: Array | None = None,
                *,
                causal: bool = False,
+               frame_mask: Array | None = None,
                taps: Sequence[int] = (),
                cache: KVCache | None = None,
                frame_offset: Array | int = 0,
@@ -589,6 +152,8 @@ class WanModel(nn.Module):
       t: [B] or [B, F] timesteps in [0, 1000] (fractional values allowed).
       context: [B, L, text_dim] text embeddings (umT5 output, zero-padded to L).
       causal: block-causal attention over chunks of `config.chunk_frames` latent frames.
+      frame_mask: optional bool [F', F'] over patched frames (True = query frame may attend to key
+        frame), for any other frame-level pattern; exclusive with `causal`.
       taps: 0-based block indices whose output hidden states are also returned.
 
     Returns:
@@ -609,8 +174,15 @@ class WanModel(nn.Module):
     ctx = self._embed_text(context)
     S = grid[1] * grid[2]
     attn_args = {}
+    if causal and frame_mask is not None:
+      raise ValueError("pass either causal=True or frame_mask, not both.")
     if causal:
       attn_args["mask"] = block_causal_mask(grid[0], S, self._chunk_tokens_frames())
+    elif frame_mask is not None:
+      if frame_mask.shape != (grid[0], grid[0]):
+        raise ValueError(f"frame_mask must be [{grid[0]}, {grid[0]}], got {frame_mask.shape}.")
+      token_mask = jnp.repeat(jnp.repeat(frame_mask.astype(bool), S, axis=0), S, axis=1)
+      attn_args["mask"] = token_mask[None, None]
     rope = rope_cos_sin(cfg, *grid)
     taps_buf = jnp.zeros((len(taps),) + tokens.shape, jnp.float32) if taps else None
     xs = {"index": jnp.arange(cfg.num_layers)}
