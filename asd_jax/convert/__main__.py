@@ -1,0 +1,73 @@
+"""python -m asd_jax.convert wan|export-wan ... (see API.md and asd_jax/convert/wan.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_NOT_YET = ("vae", "umt5", "release")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m asd_jax.convert",
+      description="Convert PyTorch checkpoints into asd_jax Orbax checkpoints, and back.")
+  sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  w = sub.add_parser("wan", help="Wan 2.1 DiT -> DIR/config.json + DIR/params (Orbax).")
+  w.add_argument("--src", required=True,
+                 help="safetensors file, *.safetensors.index.json, .pt/.pth (plain or training "
+                      "checkpoint), or a diffusers / original Wan model directory.")
+  w.add_argument("--dst", required=True, help="output directory (must be absent or empty).")
+  w.add_argument("--format", default="auto", choices=("auto", "original", "diffusers", "training"),
+                 help="key naming (original/diffusers), or 'training' for a checkpoint with "
+                      "generator/generator_ema/critic sub-dicts. Default: detect.")
+  w.add_argument("--key", default=None,
+                 help="sub-dict of a training checkpoint (default: generator_ema, then generator, "
+                      "model, ema, state_dict, module, net, critic).")
+  w.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="stored param dtype.")
+  w.add_argument("--num_heads", type=int, default=None,
+                 help="attention heads when no config.json says (default dim // 128).")
+  w.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst.")
+  w.add_argument("--quiet", action="store_true", help="no notes or progress bar.")
+
+  e = sub.add_parser("export-wan",
+                     help="DIR written by `wan` (or a training export) -> original-key safetensors.")
+  e.add_argument("--src", required=True, help="directory with config.json and params/.")
+  e.add_argument("--dst", required=True, help="the .safetensors file to write.")
+  e.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="cast on export (default: keep the stored dtype).")
+  e.add_argument("--overwrite", action="store_true", help="replace an existing --dst.")
+  e.add_argument("--quiet", action="store_true")
+
+  for name in _NOT_YET:
+    n = sub.add_parser(name, help="not implemented yet.")
+    n.add_argument("rest", nargs=argparse.REMAINDER)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.command in _NOT_YET:
+    print(f"error: `convert {args.command}` is not implemented yet; only `wan` and `export-wan` "
+          f"are.", file=sys.stderr)
+    return 2
+  # Imported here so that --help answers without loading jax.
+  from asd_jax.convert import wan  # pylint: disable=g-import-not-at-top
+  from asd_jax.convert.common import ConversionError  # pylint: disable=g-import-not-at-top
+  try:
+    if args.command == "wan":
+      wan.convert(args.src, args.dst, fmt=args.format, key=args.key, dtype=args.dtype,
+                  num_heads=args.num_heads, overwrite=args.overwrite, verbose=not args.quiet)
+    else:
+      wan.export_wan(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                     verbose=not args.quiet)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

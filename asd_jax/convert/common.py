@@ -1,0 +1,229 @@
+"""Pieces every converter shares: errors, wrapper-prefix stripping, picking a training checkpoint's
+sub-dict, and outputs that appear whole or not at all."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# Module wrappers that training code puts anywhere in a key (FSDP, activation checkpointing,
+# torch.compile); dropped wherever they occur.
+WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+# Leading components that wrap the whole network: `model.` (Self Forcing / CausVid wrappers),
+# `model.diffusion_model.` (ComfyUI), `module.` (DDP). Stripped from the front only.
+LEADING_WRAPPERS = ("model", "module", "diffusion_model")
+# Which sub-dict of a training checkpoint to convert when --key is not given, best first.
+SUBDICT_PREFERENCE = ("generator_ema", "generator", "model", "ema", "state_dict", "module", "net",
+                      "critic")
+
+
+class ConversionError(ValueError):
+  """The input cannot be converted; the message says what is wrong and what to do."""
+
+
+def log_stderr(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def quiet(msg: str) -> None:
+  del msg
+
+
+def split_wrappers(name: str, roots: Iterable[str]) -> tuple[str, str]:
+  """(key without wrapper components, the removed wrappers as text such as 'model._orig_mod.')."""
+  parts = name.split(".")
+  removed = [p for p in parts if p in WRAPPER_COMPONENTS]
+  parts = [p for p in parts if p not in WRAPPER_COMPONENTS]
+  lead = []
+  while len(parts) > 1 and parts[0] not in roots and parts[0] in LEADING_WRAPPERS:
+    lead.append(parts.pop(0))
+  return ".".join(parts), "".join(p + "." for p in lead + removed)
+
+
+def strip_wrappers(name: str, roots: Iterable[str]) -> str:
+  """Removes wrapper components from a key, keeping the part that starts at a network root."""
+  return split_wrappers(name, roots)[0]
+
+
+@dataclasses.dataclass
+class Selection:
+  """The tensors picked from a checkpoint and how their names were cleaned."""
+  names: dict[str, str]  # cleaned name -> name in the checkpoint
+  key: str | None  # sub-dict that was used, None for a plain state dict
+  candidates: list[str]  # sub-dicts that hold network weights
+  stripped_prefixes: list[str]
+  notes: list[str]
+
+
+def select_weights(names: Iterable[str], roots: Iterable[str], *, key: str | None = None,
+                   require_subdict: bool = False, what: str = "network",
+                   log=log_stderr) -> Selection:
+  """Picks the network's tensors from a flat list of checkpoint keys and strips wrapper prefixes.
+
+  A plain state dict has keys that start (after wrappers) at a network root. A training checkpoint
+  nests several state dicts (`generator`, `generator_ema`, `critic`, ...): `key` names the one to
+  use; without it the first of SUBDICT_PREFERENCE that is present wins, and the choice is logged.
+
+  Raises:
+    ConversionError: `key` is not a sub-dict, no sub-dict holds weights, several do and none is in
+      the preference list, or two keys collapse to the same name once wrappers are stripped.
+  """
+  names = list(names)
+  roots = set(roots)
+  groups: dict[str, list[str]] = collections.OrderedDict()
+  for n in names:
+    groups.setdefault(n.split(".")[0], []).append(n)
+
+  def holds_weights(group: str) -> bool:
+    return any(strip_wrappers(n[len(group) + 1:], roots).split(".")[0] in roots
+               for n in groups[group] if "." in n)
+
+  candidates = [g for g in groups if g not in roots and holds_weights(g)]
+  plain = any(strip_wrappers(n, roots).split(".")[0] in roots for n in names)
+  notes = []
+  if key is not None:
+    key = key.strip(".")
+    chosen = [n for n in names if n.startswith(key + ".")]
+    if not chosen:
+      listing = candidates or list(groups)
+      raise ConversionError(f"--key {key!r} is not a sub-dict of this checkpoint; the sub-dicts "
+                            f"holding {what} weights are {listing}.")
+  elif plain and not require_subdict:
+    chosen, key = names, None
+  else:
+    if not candidates:
+      shown = list(groups)[:20]
+      if require_subdict:
+        raise ConversionError(f"--format=training, but no sub-dict of this checkpoint holds {what} "
+                              f"weights (top-level entries: {shown}).")
+      raise ConversionError(f"found no {what} weights: no key starts at one of {sorted(roots)} "
+                            f"and no sub-dict holds such keys (top-level entries: {shown}).")
+    preferred = [c for c in SUBDICT_PREFERENCE if c in candidates]
+    if preferred:
+      key = preferred[0]
+    elif len(candidates) == 1:
+      key = candidates[0]
+    else:
+      raise ConversionError(f"the checkpoint holds several sub-dicts with {what} weights "
+                            f"{candidates}; choose one with --key.")
+    if len(candidates) > 1:
+      order = " > ".join(c for c in SUBDICT_PREFERENCE)
+      notes.append(f"checkpoint sub-dicts with weights: {candidates}; using {key!r} (preference "
+                   f"{order}; choose another with --key).")
+    else:
+      notes.append(f"using sub-dict {key!r}.")
+    chosen = [n for n in names if n.startswith(key + ".")]
+
+  cleaned: dict[str, str] = {}
+  prefixes = collections.Counter()
+  for n in chosen:
+    inner = n[len(key) + 1:] if key else n
+    c, removed = split_wrappers(inner, roots)
+    if c in cleaned:
+      raise ConversionError(f"keys {cleaned[c]!r} and {n!r} both become {c!r} once wrapper "
+                            f"prefixes are stripped; the checkpoint holds two copies.")
+    cleaned[c] = n
+    if removed:
+      prefixes[removed] += 1
+  if prefixes:
+    notes.append("stripped wrapper prefixes: " +
+                 ", ".join(f"{p!r} ({k} keys)" for p, k in prefixes.most_common()))
+  for note in notes:
+    log(note)
+  return Selection(cleaned, key, candidates, sorted(prefixes), notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs that appear whole or not at all.
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool, *, is_dir: bool = True) -> Path:
+  """Refuses an existing non-empty destination unless `overwrite`. Returns the absolute path."""
+  dst = Path(dst).expanduser().absolute()
+  if dst.exists():
+    if is_dir and not dst.is_dir():
+      raise ConversionError(f"--dst {dst} exists and is not a directory.")
+    if not is_dir and dst.is_dir():
+      raise ConversionError(f"--dst {dst} is a directory; give a file name.")
+    if not overwrite and (not is_dir or any(dst.iterdir())):
+      raise ConversionError(f"--dst {dst} already exists{' and is not empty' if is_dir else ''}; "
+                            f"pass --overwrite to replace it.")
+  return dst
+
+
+def _make_parents(path: Path) -> list[Path]:
+  made = []
+  p = path
+  while not p.exists():
+    made.append(p)
+    p = p.parent
+  for d in reversed(made):
+    d.mkdir()
+  return made
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+  for d in dirs:  # deepest first
+    try:
+      d.rmdir()
+    except OSError:
+      break
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+  """Moves tmp to dst; an existing dst is moved aside first and deleted only after the swap."""
+  if dst.exists():
+    old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dst, old)
+    try:
+      os.rename(tmp, dst)
+    except BaseException:
+      os.rename(old, dst)
+      raise
+    if old.is_dir():
+      shutil.rmtree(old)
+    else:
+      old.unlink()
+  else:
+    os.rename(tmp, dst)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path) -> Iterator[Path]:
+  """Yields a temporary sibling directory of `dst` that becomes `dst` when the block succeeds.
+
+  On any failure (including Ctrl-C) the temporary directory, and parents this created, are removed.
+  """
+  made = _make_parents(dst.parent)
+  tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
+  try:
+    yield tmp
+    _replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_empty(made)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_file(dst: Path) -> Iterator[Path]:
+  """Yields a temporary sibling file name that replaces `dst` when the block succeeds."""
+  made = _make_parents(dst.parent)
+  fd, name = tempfile.mkstemp(prefix=f"{dst.name}.tmp-", dir=dst.parent)
+  os.close(fd)
+  tmp = Path(name)
+  try:
+    yield tmp
+    _replace(tmp, dst)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    _remove_empty(made)
+    raise

@@ -1,0 +1,509 @@
+"""Wan 2.1 DiT: PyTorch checkpoints -> Orbax param trees, and back to original Wan safetensors.
+
+    cfg = convert(src, dst)                       # what `python -m asd_jax.convert wan` runs
+    cfg, params = state_dict_to_params(state)     # in memory, for tests and small models
+    export_wan(dst, "out.safetensors")            # what `python -m asd_jax.convert export-wan` runs
+
+Conversion streams: names, shapes and dtypes are read first (nothing else), the architecture is
+inferred from the shapes, every key is checked against `wan.abstract_params(cfg)`, and only then is
+data read, one tensor at a time, into a disk-backed array per output leaf (stacked leaves filled
+layer by layer) that Orbax saves from disk. Memory stays near one tensor plus page cache the kernel
+can reclaim; see `benchmarks/convert_memory.py` for measured figures.
+
+Output directory layout:
+  DIR/config.json  {"kind": "wan", "config": WanConfig.to_dict(), "source": {...}}
+  DIR/params/      Orbax PyTree checkpoint of the param tree (restore with any orbax checkpointer)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from asd_jax.convert import common
+from asd_jax.convert import wan_keys
+from asd_jax.convert.common import ConversionError
+from asd_jax.io import orbax_io
+from asd_jax.io import safetensors as st
+from asd_jax.io import sources
+from asd_jax.models import wan
+
+FORMATS = ("auto", "original", "diffusers", "training")
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+WAN_HEAD_DIM = 128  # every released Wan 2.1 DiT; used when nothing says how many heads
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+Log = Callable[[str], None]
+
+# ----------------------------------------------------------------------------------------------
+# Architecture from shapes.
+
+
+def _most_common(values):
+  values = [v for v in values if v is not None]
+  return collections.Counter(values).most_common(1)[0][0] if values else None
+
+
+def _dim(shape, axis):
+  """shape[axis], or None when the key is absent or has too few axes."""
+  if shape is None:
+    return None
+  try:
+    return int(shape[axis])
+  except IndexError:
+    return None
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  if dtype.kind == "f":
+    return True
+  try:  # ml_dtypes types (bfloat16, float8_*) have kind 'V'
+    ml_dtypes.finfo(dtype)
+    return True
+  except ValueError:
+    return False
+
+
+def _config_json_fields(config_json: Mapping[str, Any] | None) -> tuple[dict, str | None]:
+  """The architecture fields a config.json states, as WanConfig names, and its flavour."""
+  if not config_json:
+    return {}, None
+  c = dict(config_json)
+  out = {}
+  if "num_attention_heads" in c:  # diffusers WanTransformer3DModel
+    flavour = "diffusers"
+    out["num_heads"] = int(c["num_attention_heads"])
+    if "attention_head_dim" in c:
+      out["dim"] = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+    renames = {"in_channels": "in_channels", "out_channels": "out_channels", "text_dim": "text_dim",
+               "freq_dim": "freq_dim", "ffn_dim": "ffn_dim", "num_layers": "num_layers",
+               "patch_size": "patch_size", "eps": "eps", "cross_attn_norm": "cross_attn_norm",
+               "rope_max_seq_len": "rope_max_len"}
+  elif "num_heads" in c:  # original Wan (WanModel config.json of the release)
+    flavour = "original"
+    renames = {"dim": "dim", "num_heads": "num_heads", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim",
+               "text_dim": "text_dim", "in_dim": "in_channels", "out_dim": "out_channels",
+               "num_layers": "num_layers", "patch_size": "patch_size", "eps": "eps",
+               "text_len": "text_len", "qk_norm": "qk_norm", "cross_attn_norm": "cross_attn_norm"}
+  else:
+    return {}, None
+  for src, dst in renames.items():
+    if c.get(src) is not None:
+      v = c[src]
+      out[dst] = tuple(int(x) for x in v) if dst == "patch_size" else v
+  return out, flavour
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]],
+                 config_json: Mapping[str, Any] | None = None,
+                 num_heads: int | None = None,
+                 param_dtype: str = "float32",
+                 log: Log = common.log_stderr) -> tuple[wan.WanConfig, dict[str, Any]]:
+  """WanConfig from original-name shapes (plus a config.json and --num_heads for the heads).
+
+  Fields come from: dim, in_channels, patch from patch_embedding.weight; ffn_dim from ffn.0; layers
+  by counting blocks; text_dim / freq_dim from the first text / time Linear; out_channels = head rows
+  / prod(patch); qk_norm / cross_attn_norm from whether the norm keys exist. Fields a key is missing
+  for get a default: the completeness check that follows reports that key, so a default never
+  reaches an output. num_heads: config.json, else `num_heads`, else dim // 128 (with a note).
+
+  Returns:
+    (config, info) where info says where num_heads and the config.json fields came from.
+  Raises:
+    ConversionError: no blocks, heads that do not divide dim, or a config.json that contradicts
+      the weights.
+  """
+  layers = {int(m.group(1)) for n in shapes if (m := re.match(r"blocks\.(\d+)\.", n))}
+  if not layers:
+    raise ConversionError(f"no transformer blocks (keys blocks.N.*) found; this does not look like "
+                          f"a Wan DiT. First keys: {sorted(shapes)[:8]}.")
+  blocks = lambda suffix: [s for n, s in shapes.items() if re.fullmatch(rf"blocks\.\d+\.{suffix}", n)]
+  pe = shapes.get("patch_embedding.weight")
+  pe = pe if pe is not None and len(pe) == 5 else None
+  dim = _most_common([_dim(pe, 0), _dim(shapes.get("patch_embedding.bias"), 0),
+                      _dim(shapes.get("head.modulation"), -1)] +
+                     [_dim(s, -1) for s in blocks(r"modulation")])
+  if dim is None:
+    raise ConversionError("cannot infer the model width: patch_embedding.weight/.bias, "
+                          "head.modulation and blocks.N.modulation are all missing.")
+  patch = tuple(pe[2:]) if pe else (1, 2, 2)
+  in_channels = pe[1] if pe else 16
+  ffn_dim = _most_common([_dim(s, 0) for s in blocks(r"ffn\.0\.weight")] +
+                         [_dim(s, 0) for s in blocks(r"ffn\.0\.bias")]) or 4 * dim
+  text_dim = _dim(shapes.get("text_embedding.0.weight"), 1) or 4096
+  freq_dim = _dim(shapes.get("time_embedding.0.weight"), 1) or 256
+  head_rows = _dim(shapes.get("head.head.weight"), 0)
+  out_channels = in_channels
+  if head_rows and head_rows % math.prod(patch) == 0:
+    out_channels = head_rows // math.prod(patch)
+  qk_norm = any(re.fullmatch(r"blocks\.\d+\.(self|cross)_attn\.norm_[qk]\.weight", n)
+                for n in shapes)
+  cross_attn_norm = any(re.fullmatch(r"blocks\.\d+\.norm3\.(weight|bias)", n) for n in shapes)
+  inferred = dict(dim=dim, ffn_dim=ffn_dim, num_layers=max(layers) + 1, freq_dim=freq_dim,
+                  text_dim=text_dim, patch_size=patch, in_channels=in_channels,
+                  out_channels=out_channels, qk_norm=qk_norm, cross_attn_norm=cross_attn_norm)
+
+  stated, flavour = _config_json_fields(config_json)
+  conflicts = [f"{k}: config.json says {stated[k]}, the weights give {v}"
+               for k, v in inferred.items() if k in stated and k != "num_heads" and stated[k] != v]
+  if conflicts:
+    raise ConversionError("config.json next to the weights contradicts them (is it for another "
+                          "model?): " + "; ".join(conflicts) + ".")
+  info: dict[str, Any] = {"config_json_flavour": flavour}
+  if num_heads is not None and "num_heads" in stated and int(num_heads) != stated["num_heads"]:
+    raise ConversionError(f"--num_heads={num_heads} contradicts config.json "
+                          f"(num_heads {stated['num_heads']}).")
+  if "num_heads" in stated:
+    heads, info["num_heads_from"] = stated["num_heads"], "config.json"
+  elif num_heads is not None:
+    heads, info["num_heads_from"] = int(num_heads), "--num_heads"
+  else:
+    if dim % WAN_HEAD_DIM:
+      raise ConversionError(f"num_heads cannot be inferred from shapes, there is no config.json, "
+                            f"and dim {dim} is not a multiple of Wan's head_dim {WAN_HEAD_DIM}; "
+                            f"pass --num_heads.")
+    heads, info["num_heads_from"] = dim // WAN_HEAD_DIM, f"dim // {WAN_HEAD_DIM}"
+    log(f"note: num_heads is not in the checkpoint; using dim // {WAN_HEAD_DIM} = {heads} "
+        f"(Wan's head_dim). Pass --num_heads to override.")
+  if heads <= 0 or dim % heads:
+    raise ConversionError(f"num_heads {heads} does not divide dim {dim}.")
+  fields = dict(inferred, num_heads=heads, param_dtype=param_dtype)
+  for k in ("eps", "text_len", "rope_max_len"):
+    if k in stated:
+      fields[k] = stated[k]
+  try:
+    return wan.WanConfig(**fields), info
+  except ValueError as e:
+    raise ConversionError(f"the inferred architecture is not a valid WanConfig: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: which source tensor goes where. Reads names, shapes and dtypes only.
+
+
+@dataclasses.dataclass
+class Plan:
+  cfg: wan.WanConfig
+  keys: dict[str, wan_keys.KeySpec]  # original key -> placement, in checkpoint order
+  source_names: dict[str, str]  # original key -> name in the checkpoint
+  naming: str  # 'original' | 'diffusers'
+  selection: common.Selection
+  info: dict[str, Any]
+
+
+def _fmt_shape(shape) -> str:
+  return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _listing(title: str, items: list[str], limit: int = 40) -> str:
+  shown = "\n    ".join(items[:limit])
+  more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+  return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | None = None,
+              num_heads: int | None = None, config_json: Mapping | None = None,
+              dtype: str = "float32", log: Log = common.log_stderr) -> Plan:
+  """Maps every tensor of `reader` onto the Wan param tree, or raises listing what does not fit."""
+  if fmt not in FORMATS:
+    raise ConversionError(f"--format must be one of {FORMATS}, got {fmt!r}.")
+  selection = common.select_weights(reader.keys(), wan_keys.ROOTS, key=key,
+                                    require_subdict=fmt == "training", what="Wan DiT", log=log)
+  naming = fmt if fmt in ("original", "diffusers") else wan_keys.detect_naming(selection.names)
+  if naming is None:
+    raise ConversionError("cannot tell whether the keys use original Wan names or diffusers names "
+                          f"(first keys: {list(selection.names)[:6]}); pass --format=original or "
+                          "--format=diffusers.")
+  canonical: dict[str, str] = {}  # original key (or the cleaned name when unmappable) -> source
+  for name, src in selection.names.items():
+    orig = wan_keys.diffusers_to_original(name) if naming == "diffusers" else name
+    canonical[orig if orig is not None else name] = src
+  shapes = {n: reader.shape(s) for n, s in canonical.items()}
+  cfg, info = infer_config(shapes, config_json, num_heads, dtype, log)
+  expected = wan_keys.expected_keys(cfg)
+
+  missing = [f"{n} {_fmt_shape(spec.torch_shape)}" for n, spec in expected.items()
+             if n not in canonical]
+  unexpected, misshaped, bad_dtype = [], [], []
+  for n, src in canonical.items():
+    shown = n if src == n else f"{n} (in the checkpoint: {src})"
+    if n not in expected:
+      unexpected.append(f"{shown} {_fmt_shape(shapes[n])}")
+    elif tuple(shapes[n]) != tuple(expected[n].torch_shape):
+      misshaped.append(f"{shown} is {_fmt_shape(shapes[n])}, expected "
+                       f"{_fmt_shape(expected[n].torch_shape)}")
+    elif not _is_float(reader.dtype(src)):
+      bad_dtype.append(f"{shown} has dtype {reader.dtype(src)}, expected a float type")
+  if missing or unexpected or misshaped or bad_dtype:
+    parts = [f"cannot map the checkpoint completely onto the Wan DiT (inferred {naming} names, "
+             f"dim={cfg.dim}, ffn_dim={cfg.ffn_dim}, num_layers={cfg.num_layers}, "
+             f"qk_norm={cfg.qk_norm}, cross_attn_norm={cfg.cross_attn_norm}"
+             + (f", sub-dict {selection.key!r}" if selection.key else "") + "):"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("misshaped", misshaped), ("wrong dtype", bad_dtype)):
+      if items:
+        parts.append(_listing(title, items))
+    raise ConversionError("\n".join(parts))
+  order = {src: i for i, src in enumerate(reader.keys())}
+  ordered = sorted(expected, key=lambda n: order[canonical[n]])  # read the file front to back
+  return Plan(cfg, {n: expected[n] for n in ordered}, {n: canonical[n] for n in ordered}, naming,
+              selection, info)
+
+
+def _fill(reader: sources.TensorReader, plan: Plan, write: Callable, log: Log) -> None:
+  """Reads every planned tensor once and writes it, in JAX layout, to its leaf (slot)."""
+  total = sum(int(np.prod(s.torch_shape)) for s in plan.keys.values())
+  bar = _progress(total, "convert", log)
+  for name, spec in plan.keys.items():
+    arr = reader.read(plan.source_names[name])
+    write(spec.path, spec.layer, wan_keys.to_jax(arr, spec.layout))
+    del arr  # unmaps the source pages of this tensor
+    bar(int(np.prod(spec.torch_shape)))
+  bar(None)
+
+
+def _progress(total: int, desc: str, log: Log):
+  """A tqdm bar on a terminal (stderr), nothing otherwise. Call with a count, None to close."""
+  if log is common.quiet:
+    return lambda n: None
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return lambda n: None
+  bar = tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=None, leave=False)
+
+  def update(n):
+    if n is None:
+      bar.close()
+    else:
+      bar.update(n)
+  return update
+
+
+def _leaf_specs(cfg: wan.WanConfig, dtype: np.dtype) -> dict[tuple[str, ...], tuple]:
+  return {p: (tuple(l.shape), dtype)
+          for p, l in orbax_io.flatten(wan.abstract_params(cfg)).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
+
+
+class _MappingReader:
+  """A TensorReader over an in-memory mapping of numpy arrays or torch tensors (nested allowed)."""
+
+  def __init__(self, state: Mapping[str, Any]):
+    self._t: dict[str, Any] = {}
+
+    def walk(obj, prefix):
+      for k, v in obj.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+          walk(v, name)
+        elif hasattr(v, "shape") and hasattr(v, "dtype"):
+          self._t[name] = v
+    walk(state, "")
+
+  def keys(self):
+    return list(self._t)
+
+  def _np(self, v) -> np.ndarray:
+    if type(v).__module__.startswith("torch"):
+      from asd_jax.io import torch_pickle  # pylint: disable=g-import-not-at-top
+      return torch_pickle.tensor_to_numpy(v)
+    return np.asarray(v)
+
+  def shape(self, name):
+    return tuple(int(s) for s in self._t[name].shape)
+
+  def dtype(self, name):
+    v = self._t[name]
+    return self._np(v).dtype if type(v).__module__.startswith("torch") else np.dtype(v.dtype)
+
+  def read(self, name):
+    return self._np(self._t[name])
+
+
+def state_dict_to_params(state: Mapping[str, Any], num_heads: int | None = None,
+                         config_json: Mapping[str, Any] | None = None, *, fmt: str = "auto",
+                         key: str | None = None, dtype: str = "float32",
+                         verbose: bool = False) -> tuple[wan.WanConfig, dict[str, Any]]:
+  """In-memory conversion of a Wan state dict (original, diffusers or training-checkpoint names).
+
+  Args:
+    state: name -> numpy array or torch tensor (nested dicts allowed, e.g. {'generator': {...}}).
+    num_heads: heads, when `config_json` does not say (default dim // 128).
+    config_json: the model's config.json contents (diffusers or original), if any.
+    fmt, key, dtype: as for `convert`.
+
+  Returns:
+    (WanConfig, params) with params a nested dict of numpy arrays shaped like
+    `wan.abstract_params(cfg)` (kernels [in, out], stacked blocks [num_layers, ...]).
+  """
+  log = common.log_stderr if verbose else common.quiet
+  if dtype not in DTYPES:
+    raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+  reader = _MappingReader(state)
+  plan = make_plan(reader, fmt=fmt, key=key, num_heads=num_heads, config_json=config_json,
+                   dtype=dtype, log=log)
+  leaves = {p: np.empty(shape, dt) for p, (shape, dt) in _leaf_specs(plan.cfg, DTYPES[dtype]).items()}
+
+  def write(path, layer, value):
+    if layer is None:
+      leaves[path][...] = value
+    else:
+      leaves[path][layer] = value
+  _fill(reader, plan, write, log)
+  return plan.cfg, orbax_io.unflatten(leaves)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto",
+            key: str | None = None, dtype: str = "float32", num_heads: int | None = None,
+            overwrite: bool = False, verbose: bool = True) -> wan.WanConfig:
+  """Converts a PyTorch Wan DiT checkpoint into DIR/config.json + DIR/params (Orbax).
+
+  Args:
+    src: a safetensors file, a `*.safetensors.index.json`, a .pt/.pth pickle (plain or a training
+      checkpoint with generator/generator_ema/critic sub-dicts), or a diffusers / original Wan
+      model directory.
+    dst: output directory; must not exist or be empty unless `overwrite`.
+    fmt: 'auto' | 'original' | 'diffusers' (key naming) | 'training' (pick a sub-dict; naming
+      auto-detected).
+    key: sub-dict of a training checkpoint (default: generator_ema, generator, model, ... in
+      `common.SUBDICT_PREFERENCE` order; the choice is printed).
+    dtype: stored param dtype, 'float32' or 'bfloat16'.
+    num_heads: when no config.json next to the weights says (default dim // 128).
+    overwrite: replace a non-empty `dst`.
+    verbose: print notes and a progress bar to stderr.
+
+  Returns:
+    The WanConfig written to config.json.
+  Raises:
+    ConversionError (a ValueError) listing missing / unexpected / misshaped keys, or naming the
+    problem with the input; FileNotFoundError for a missing src. Nothing is left at `dst` or beside
+    it on failure.
+  """
+  log = common.log_stderr if verbose else common.quiet
+  if dtype not in DTYPES:
+    raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+  dst = common.check_destination(dst, overwrite)
+  try:
+    source = sources.open_checkpoint(src, log)
+  except ValueError as e:  # not a checkpoint, a bad index, ...: say what, without a traceback
+    raise ConversionError(str(e)) from e
+  plan = make_plan(source.reader, fmt=fmt, key=key, num_heads=num_heads, config_json=source.config,
+                   dtype=dtype, log=log)
+  log(f"converting {len(plan.keys)} tensors ({plan.naming} names) into WanConfig(dim={plan.cfg.dim}, "
+      f"heads={plan.cfg.num_heads}, layers={plan.cfg.num_layers}) as {dtype} -> {dst}")
+  with common.atomic_directory(dst) as tmp:
+    specs = _leaf_specs(plan.cfg, DTYPES[dtype])
+    staging = orbax_io.MemmapStaging(tmp / ".staging", specs)
+    _fill(source.reader, plan, staging.write, log)
+    log("writing the Orbax checkpoint")
+    orbax_io.save_tree(tmp / PARAMS_DIR, staging.arrays(),
+                       stacked=[p for p in specs if p[0] == "blocks"])
+    shutil.rmtree(tmp / ".staging")
+    source_dtypes = collections.Counter(str(source.reader.dtype(s))
+                                        for s in plan.source_names.values())
+    meta = {
+        "kind": "wan",
+        "config": plan.cfg.to_dict(),
+        "source": {
+            "path": str(Path(src).expanduser().absolute()),
+            **source.describe(),
+            "format": fmt,
+            "naming": plan.naming,
+            "key": plan.selection.key,
+            "subdicts_with_weights": plan.selection.candidates,
+            "stripped_prefixes": plan.selection.stripped_prefixes,
+            "num_tensors": len(plan.keys),
+            "source_dtypes": dict(source_dtypes),
+            "dtype": dtype,
+            **plan.info,
+            "notes": source.notes + plan.selection.notes,
+        },
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+  log(f"wrote {dst}")
+  return plan.cfg
+
+
+def read_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], wan.WanConfig]:
+  """(config.json contents, WanConfig) of a directory written by `convert`."""
+  directory = Path(directory)
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise ConversionError(f"{directory} has no {CONFIG_FILE}; it was not written by "
+                          f"`python -m asd_jax.convert`.")
+  meta = json.loads(path.read_text())
+  if meta.get("kind") != "wan":
+    raise ConversionError(f"{path} describes a {meta.get('kind')!r} checkpoint, not 'wan'.")
+  return meta, wan.WanConfig.from_dict(meta["config"])
+
+
+def export_wan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
+               overwrite: bool = False, verbose: bool = True) -> list[str]:
+  """Writes a converted (or trained) Wan DiT back as one safetensors file with original keys.
+
+  Streams: each tensor is read from the Orbax checkpoint (one layer slice of a stacked leaf at a
+  time), put back in torch layout and appended to the file. The file appears atomically.
+
+  Args:
+    src: a directory with config.json (kind 'wan') and params/.
+    dst: the .safetensors file to write.
+    dtype: None keeps the stored dtype; 'float32' or 'bfloat16' casts.
+    overwrite: replace an existing `dst`.
+
+  Returns:
+    The original key names written, in file order.
+  """
+  log = common.log_stderr if verbose else common.quiet
+  if dtype is not None and dtype not in DTYPES:
+    raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+  src = Path(src).expanduser()
+  if not src.exists():
+    raise FileNotFoundError(f"--src {src} does not exist.")
+  dst = common.check_destination(dst, overwrite, is_dir=False)
+  _, cfg = read_converted(src)
+  leaves = orbax_io.tree_metadata(src / PARAMS_DIR)
+  expected = orbax_io.flatten(wan.abstract_params(cfg))
+  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in leaves]
+  problems += [f"{'/'.join(p)}: unexpected" for p in leaves if p not in expected]
+  problems += [f"{'/'.join(p)}: {list(leaves[p].shape)}, expected {list(expected[p].shape)}"
+               for p in expected if p in leaves and tuple(leaves[p].shape) != expected[p].shape]
+  if problems:
+    raise ConversionError(f"{src / PARAMS_DIR} does not match its config.json:\n  " +
+                          "\n  ".join(problems))
+  keys = wan_keys.expected_keys(cfg)
+  out_dtype = {n: DTYPES[dtype] if dtype else leaves[s.path].dtype for n, s in keys.items()}
+  specs = {n: (s.torch_shape, out_dtype[n]) for n, s in keys.items()}
+  stores: dict[tuple[str, ...], Any] = {}
+  bar = _progress(sum(int(np.prod(s.torch_shape)) for s in keys.values()), "export", log)
+
+  def produce(name: str) -> np.ndarray:
+    spec = keys[name]
+    if spec.path not in stores:
+      stores[spec.path] = orbax_io.open_leaf(src / PARAMS_DIR, leaves[spec.path])
+    store = stores[spec.path]
+    value = (store if spec.layer is None else store[spec.layer]).read().result()
+    value = np.ascontiguousarray(wan_keys.to_torch(value, spec.layout)).astype(out_dtype[name],
+                                                                               copy=False)
+    bar(value.size)
+    return value
+
+  with common.atomic_file(dst) as tmp:
+    st.write_streaming(tmp, specs, produce, metadata={"format": "pt"})
+  bar(None)
+  log(f"wrote {len(specs)} tensors to {dst}")
+  return list(specs)
