@@ -1,0 +1,113 @@
+"""Load a converted network: `module, params = load(DIR)`.
+
+DIR is what `python -m asd_jax.convert` (or a training export) writes: `config.json` with a "kind"
+and a "config", and `params/`, an Orbax checkpoint of the param tree. Params come back as plain
+nested dicts of jax arrays, restored straight into the given shardings when there are some (so a
+14B model never has to exist whole on one host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from asd_jax.io import orbax_io
+from asd_jax.models import wan
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+_NOT_YET = ("vae", "umt5")
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The config.json of a converted directory: {"kind": ..., "config": {...}, "source": {...}}."""
+  path = Path(directory) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist; is {directory} a directory written by "
+                            f"`python -m asd_jax.convert`?")
+  meta = json.loads(path.read_text())
+  if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+    raise ValueError(f"{path} lacks the 'kind' and 'config' entries of a converted checkpoint.")
+  return meta
+
+
+def _model_config(meta: dict[str, Any], overrides: dict[str, Any]) -> wan.WanConfig:
+  kind = meta["kind"]
+  if kind in _NOT_YET:
+    raise NotImplementedError(f"loading kind {kind!r} is not implemented yet (only 'wan' is).")
+  if kind != "wan":
+    raise ValueError(f"unknown checkpoint kind {kind!r} in config.json; expected 'wan'.")
+  arch = sorted(set(overrides) & set(wan.WanConfig.ARCH_FIELDS))
+  changed = [k for k in arch if overrides[k] != meta["config"].get(k)]
+  if changed:
+    raise ValueError(f"cannot override architecture fields {changed} at load time: the params "
+                     f"were made for {[(k, meta['config'].get(k)) for k in changed]}. Override "
+                     f"execution fields only (dtype, param_dtype, attention_impl, scan_layers, ...).")
+  return wan.WanConfig.from_dict({**meta["config"], **overrides})
+
+
+def _restore(directory: Path, cfg: wan.WanConfig, shardings: Any, dtype: Any) -> dict[str, Any]:
+  params_dir = directory / PARAMS_DIR
+  stored = orbax_io.tree_metadata(params_dir)
+  expected = orbax_io.flatten(wan.abstract_params(cfg))
+  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in stored]
+  problems += [f"{'/'.join(p)}: not part of the model" for p in stored if p not in expected]
+  problems += [f"{'/'.join(p)}: stored {list(stored[p].shape)}, the model needs "
+               f"{list(expected[p].shape)}" for p in expected
+               if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
+  if problems:
+    raise ValueError(f"{params_dir} does not fit WanConfig from config.json:\n  " +
+                     "\n  ".join(problems))
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    sharding = shardings or orbax_io.default_sharding()
+    flat_shardings = {p: sharding for p in stored}
+  else:
+    flat_shardings = orbax_io.flatten(shardings)
+    absent = [p for p in stored if p not in flat_shardings]
+    if absent:
+      raise ValueError(f"shardings has no entry for {['/'.join(p) for p in absent][:10]}.")
+  target = {p: jax.ShapeDtypeStruct(m.shape, np.dtype(dtype) if dtype else m.dtype,
+                                    sharding=flat_shardings[p]) for p, m in stored.items()}
+  return orbax_io.restore(params_dir, orbax_io.unflatten(target))
+
+
+def load_params(directory: str | os.PathLike, *, shardings: Any = None,
+                dtype: Any = None) -> dict[str, Any]:
+  """Params of a converted directory as nested dicts of jax arrays.
+
+  Args:
+    directory: written by `python -m asd_jax.convert`.
+    shardings: None (first local device), one `jax.sharding.Sharding` for every leaf, or a pytree
+      of shardings shaped like the params: each leaf is read straight into its shards.
+    dtype: cast every leaf on restore (default: the stored dtype).
+  """
+  directory = Path(directory)
+  meta = read_config(directory)
+  cfg = _model_config(meta, {})
+  return _restore(directory, cfg, shardings, dtype)
+
+
+def load(directory: str | os.PathLike, *, shardings: Any = None,
+         **config_overrides) -> tuple[Any, dict[str, Any]]:
+  """(module, params) of a converted directory.
+
+  Args:
+    directory: written by `python -m asd_jax.convert` (config.json + params/).
+    shardings: see `load_params`.
+    **config_overrides: execution fields of the model config, e.g. dtype='bfloat16',
+      scan_layers=False, attention_impl='cudnn'. `param_dtype` also casts the restored params.
+
+  Returns:
+    (module, params): `module.apply({'params': params}, ...)` runs the network.
+  """
+  directory = Path(directory)
+  meta = read_config(directory)
+  cfg = _model_config(meta, config_overrides)
+  dtype = config_overrides.get("param_dtype")
+  params = _restore(directory, cfg, shardings, dtype)
+  return wan.WanModel(cfg), params
