@@ -73,7 +73,8 @@ class WanModel(nn.Module):
   """Wan 2.1 DiT. See the module docstring for the calls and shapes."""
   config: WanConfig
 
-  def _blocks(self, mode: str, taps: tuple[int, ...] = (), sink_frames: int = 0):
+  def _blocks(self, mode: str, taps: tuple[int, ...] = (), sink_frames: int = 0,
+              chunk_tokens: int = 0):
     cfg = self.config
     block = Block
     policy = REMAT_POLICIES[cfg.remat_policy]
@@ -88,7 +89,8 @@ class WanModel(nn.Module):
         unroll=1 if cfg.scan_layers else cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return stack(cfg, mode=mode, taps=taps, sink_frames=sink_frames, name="blocks")
+    return stack(cfg, mode=mode, taps=taps, sink_frames=sink_frames, chunk_tokens=chunk_tokens,
+                 name="blocks")
 
   def _dense(self, features, axes, name, dtype=None):
     cfg = self.config
@@ -173,11 +175,15 @@ class WanModel(nn.Module):
     e, e0 = self._embed_time(t, B, grid[0])
     ctx = self._embed_text(context)
     S = grid[1] * grid[2]
-    attn_args = {}
+    attn_args, chunk_tokens = {}, 0
     if causal and frame_mask is not None:
       raise ValueError("pass either causal=True or frame_mask, not both.")
     if causal:
-      attn_args["mask"] = block_causal_mask(grid[0], S, self._chunk_tokens_frames())
+      chunk = self._chunk_tokens_frames()
+      if grid[0] % chunk == 0:
+        chunk_tokens = chunk * S  # lets flash kernels skip the masked blocks
+      else:  # a partial last chunk
+        attn_args["mask"] = block_causal_mask(grid[0], S, chunk)
     elif frame_mask is not None:
       if frame_mask.shape != (grid[0], grid[0]):
         raise ValueError(f"frame_mask must be [{grid[0]}, {grid[0]}], got {frame_mask.shape}.")
@@ -186,7 +192,8 @@ class WanModel(nn.Module):
     rope = rope_cos_sin(cfg, *grid)
     taps_buf = jnp.zeros((len(taps),) + tokens.shape, jnp.float32) if taps else None
     xs = {"index": jnp.arange(cfg.num_layers)}
-    (h, taps_buf), _ = self._blocks("full", taps)((tokens, taps_buf), e0, rope, ctx, attn_args, xs)
+    blocks = self._blocks("full", taps, chunk_tokens=chunk_tokens)
+    (h, taps_buf), _ = blocks((tokens, taps_buf), e0, rope, ctx, attn_args, xs)
     v = self._head(h, e, grid)
     if taps:
       return v, taps_buf.reshape(len(taps), B, grid[0] * S, cfg.dim)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asd_jax.models.attention import attention
+from asd_jax.models.attention import attention, block_causal_attention
 from asd_jax.models.wan_config import WanConfig
 
 Array = jax.Array
@@ -195,6 +195,7 @@ class Block(nn.Module):
   mode: str = "full"
   taps: tuple[int, ...] = ()
   sink_frames: int = 0
+  chunk_tokens: int = 0  # > 0: block-causal self-attention over chunks of this many tokens
 
   @nn.compact
   def __call__(self, carry, e0, rope, ctx, attn_args, xs):
@@ -230,6 +231,9 @@ class Block(nn.Module):
       new_cache = {"k": k_cache, "v": v_cache}
       a = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                     kv_lengths=attn_args["kv_lengths"], impl=cfg.attention_impl)
+    elif self.chunk_tokens:
+      a = block_causal_attention(q, k, v, chunk_tokens=self.chunk_tokens,
+                                 impl=cfg.attention_impl)
     else:
       a = attention(q, k, v, mask=attn_args.get("mask"), impl=cfg.attention_impl)
     y = self_attn.out(a).reshape(B, F, S, D)
