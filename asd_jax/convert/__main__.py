@@ -42,13 +42,15 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--quiet", action="store_true")
 
   for name in _NOT_YET:
-    n = sub.add_parser(name, help="not implemented yet.")
-    n.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser(name, help="not implemented yet.")
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, unknown = parser.parse_known_args(argv)
+  if args.command not in _NOT_YET and unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   if args.command in _NOT_YET:
     print(f"error: `convert {args.command}` is not implemented yet; only `wan` and `export-wan` "
           f"are.", file=sys.stderr)

@@ -116,7 +116,8 @@ def save_tree(directory: str | os.PathLike, flat: Mapping[PathTuple, np.ndarray]
   """
   stacked = set(stacked)
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
   handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
   tree = unflatten(flat)
   save_args = unflatten({p: _save_args(v, p in stacked) for p, v in flat.items()})
@@ -135,7 +136,8 @@ class LeafMeta:
 
 def tree_metadata(directory: str | os.PathLike) -> dict[PathTuple, LeafMeta]:
   """{path: LeafMeta} of a saved PyTree checkpoint, without reading any array data."""
-  meta = ocp.StandardCheckpointer().metadata(epath.Path(directory)).item_metadata
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(epath.Path(directory)).item_metadata
   use_zarr3 = bool(getattr(meta, "use_zarr3", False))
   return {p: LeafMeta(m.name, tuple(m.shape), np.dtype(m.dtype), use_zarr3)
           for p, m in flatten(dict(meta.tree)).items()}
