@@ -1,6 +1,7 @@
 """The Wan DiT converter: key coverage of the real checkpoints, every input format, bad inputs,
 export round trip, and loading the result."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -233,7 +234,7 @@ def test_diffusers_folder_converts_exactly_and_runs(tiny_diffusers, tmp_path):
 
 
 def test_cli_subprocess(tiny_diffusers, tmp_path):
-  _, folder = tiny_diffusers
+  model, folder = tiny_diffusers
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, "-m", "asd_jax.convert", "wan", f"--src={folder}",
                         f"--dst={tmp_path / 'cli'}", "--dtype=bfloat16"],
@@ -242,7 +243,11 @@ def test_cli_subprocess(tiny_diffusers, tmp_path):
   meta = json.loads((tmp_path / "cli" / "config.json").read_text())
   assert meta["config"]["param_dtype"] == "bfloat16" and meta["source"]["dtype"] == "bfloat16"
   params = _restore_numpy(tmp_path / "cli")
-  assert params["blocks"]["ffn"]["fc1"]["kernel"].dtype == ml_dtypes.bfloat16
+  got = params["blocks"]["ffn"]["fc1"]["kernel"]
+  assert got.dtype == ml_dtypes.bfloat16
+  # float32 -> bfloat16 rounds like torch (to nearest even).
+  want = model.state_dict()["blocks.1.ffn.net.0.proj.weight"].to(torch.bfloat16).T.contiguous()
+  np.testing.assert_array_equal(got[1].view(np.uint16), want.view(torch.int16).numpy().view(np.uint16))
 
 
 def _write_sharded(state, folder, config=None):
@@ -321,6 +326,19 @@ def test_training_checkpoint_with_subdicts_and_prefixes(tmp_path):
                               comfy)
   cw.convert(comfy, tmp_path / "comfy", num_heads=2, verbose=False)
   _assert_params_match_original(_restore_numpy(tmp_path / "comfy"), states["critic"], TINY)
+
+
+def test_pickles_that_need_more_than_weights_only(tmp_path):
+  """A checkpoint with a non-tensor object, and a legacy (non-zip) file: both load, with a note."""
+  state = _original_state(TINY, seed=5)
+  tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+  torch.save({"generator": tensors, "args": argparse.Namespace(lr=0.1)}, tmp_path / "objs.pt")
+  torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+  for name, note in (("objs.pt", "weights_only=False"), ("legacy.pt", "legacy (non-zip)")):
+    cw.convert(tmp_path / name, tmp_path / f"out_{name}", num_heads=2, verbose=False)
+    meta = json.loads((tmp_path / f"out_{name}" / "config.json").read_text())
+    assert any(note in n for n in meta["source"]["notes"]), meta["source"]["notes"]
+    _assert_params_match_original(_restore_numpy(tmp_path / f"out_{name}"), state, TINY)
 
 
 def test_architecture_flags_follow_the_keys(tmp_path):

@@ -7,3 +7,5 @@ Python API (the same code paths as the command line):
 """
 
 from asd_jax.convert.common import ConversionError
+
+__all__ = ["ConversionError"]
