@@ -278,6 +278,7 @@ def test_original_safetensors_single_and_sharded(tmp_path):
   _write_sharded(state, release, config={"_class_name": "WanModel", "dim": 32, "num_heads": 2,
                                          "num_layers": 3, "in_dim": 4, "out_dim": 8,
                                          "ffn_dim": 48, "eps": 1e-6, "text_len": 512})
+  torch.save({"not": torch.zeros(2)}, release / "Wan2.1_VAE.pth")  # the release's other parts
   for src in (release, release / "diffusion_pytorch_model.safetensors.index.json"):
     dst = tmp_path / f"b_{src.name}"
     cfg = cw.convert(src, dst, verbose=False)

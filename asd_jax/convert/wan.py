@@ -254,6 +254,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
     overwrite: replace a non-empty `dst`.
     verbose: print notes and a progress bar to stderr.
 
+  Disk: besides the output, the staging arrays (the output's size in `dtype`) live in a temporary
+  sibling of `dst` until Orbax has written them.
+
   Returns:
     The WanConfig written to config.json.
   Raises:
