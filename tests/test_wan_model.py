@@ -177,3 +177,17 @@ def test_bad_inputs_get_clear_errors(tiny):
     wan.WanConfig.preset("7b")
   with pytest.raises(ValueError, match="remat_policy"):
     wan.WanConfig.preset("tiny", remat_policy="some")
+
+
+def test_rope_time_positions_past_the_table_extend_the_formula():
+  cfg = wan.WanConfig.preset("tiny", rope_max_len=8)
+  from asd_jax.models.wan_layers import rope_cos_sin
+  cos_in, sin_in = rope_cos_sin(cfg, 3, 2, 2, frame_offset=4)  # frames 4..6: in the table
+  cos_out, sin_out = rope_cos_sin(cfg, 3, 2, 2, frame_offset=jnp.int32(10))  # 10..12: past it
+  wide = wan.WanConfig.preset("tiny", rope_max_len=64)
+  np.testing.assert_allclose(cos_in, rope_cos_sin(wide, 3, 2, 2, 4)[0], atol=0)
+  np.testing.assert_allclose(cos_out, rope_cos_sin(wide, 3, 2, 2, 10)[0], atol=2e-6)
+  np.testing.assert_allclose(sin_out, rope_cos_sin(wide, 3, 2, 2, 10)[1], atol=2e-6)
+  assert float(jnp.abs(cos_out - rope_cos_sin(cfg, 3, 2, 2, 5)[0]).max()) > 1e-2  # not clamped
+  with pytest.raises(ValueError, match="rope_max_len"):
+    rope_cos_sin(cfg, 1, 9, 2)

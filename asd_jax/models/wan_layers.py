@@ -44,34 +44,49 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
   return head_dim - 2 * hw, hw, hw
 
 
+def _rope_inv_freqs(head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
+  """Per-axis inverse frequencies theta^(-2j/axis_dim), float64."""
+  return tuple(1.0 / theta**(np.arange(0, d, 2, dtype=np.float64) / d)
+               for d in rope_axis_dims(head_dim))
+
+
 @functools.lru_cache(maxsize=16)
-def _rope_angle_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, ...]:
-  """Per-axis angle tables [max_len, axis_dim // 2], computed in float64 like the reference."""
-  tables = []
-  for d in rope_axis_dims(head_dim):
-    inv = 1.0 / theta**(np.arange(0, d, 2, dtype=np.float64) / d)
-    tables.append(np.outer(np.arange(max_len, dtype=np.float64), inv))
-  return tuple(tables)
+def _rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[np.ndarray, ...]:
+  """cos and sin tables per axis, each [max_len, axis_dim // 2], from float64 angles as upstream."""
+  angles = [np.outer(np.arange(max_len, dtype=np.float64), inv)
+            for inv in _rope_inv_freqs(head_dim, theta)]
+  return tuple(np.cos(a).astype(np.float32) for a in angles) + tuple(
+      np.sin(a).astype(np.float32) for a in angles)
 
 
 def rope_cos_sin(cfg: WanConfig, frames: int, height: int, width: int,
                  frame_offset: Array | int = 0) -> tuple[Array, Array]:
   """cos, sin of the 3D RoPE angles, each [frames * height * width, head_dim // 2] float32.
 
-  Token order is (f, h, w) row-major; the time position is `frame_offset + f`.
+  Token order is (f, h, w) row-major; the time position is `frame_offset + f` (may be traced).
+  Positions below `rope_max_len` read the float64-built table of the reference; time positions past
+  it (rolling generation beyond 1024 latent frames, where the reference has no table) use the same
+  formula in float32 rather than being clamped.
   """
-  tf, th, tw = _rope_angle_tables(cfg.head_dim, cfg.rope_max_len, cfg.rope_theta)
-  cos_sin = []
-  for fn in (np.cos, np.sin):
-    t_tab, h_tab, w_tab = (jnp.asarray(fn(a), jnp.float32) for a in (tf, th, tw))
-    f_pos = frame_offset + jnp.arange(frames)
+  max_len = cfg.rope_max_len
+  if height > max_len or width > max_len:
+    raise ValueError(f"a {height}x{width} token grid exceeds rope_max_len={max_len}.")
+  tables = _rope_tables(cfg.head_dim, max_len, cfg.rope_theta)
+  inv_t = jnp.asarray(_rope_inv_freqs(cfg.head_dim, cfg.rope_theta)[0], jnp.float32)
+  f_pos = frame_offset + jnp.arange(frames)
+  inside = (f_pos < max_len)[:, None]
+  angle_t = f_pos.astype(jnp.float32)[:, None] * inv_t[None, :]
+  out = []
+  for (t_tab, h_tab, w_tab), fn in ((tables[:3], jnp.cos), (tables[3:], jnp.sin)):
+    t_val = jnp.where(inside, jnp.asarray(t_tab)[jnp.minimum(f_pos, max_len - 1)], fn(angle_t))
+    k_t, k_h, k_w = t_tab.shape[1], h_tab.shape[1], w_tab.shape[1]
     parts = [
-        jnp.broadcast_to(t_tab[f_pos][:, None, None], (frames, height, width, t_tab.shape[1])),
-        jnp.broadcast_to(h_tab[:height][None, :, None], (frames, height, width, h_tab.shape[1])),
-        jnp.broadcast_to(w_tab[:width][None, None, :], (frames, height, width, w_tab.shape[1])),
+        jnp.broadcast_to(t_val[:, None, None], (frames, height, width, k_t)),
+        jnp.broadcast_to(jnp.asarray(h_tab[:height])[None, :, None], (frames, height, width, k_h)),
+        jnp.broadcast_to(jnp.asarray(w_tab[:width])[None, None, :], (frames, height, width, k_w)),
     ]
-    cos_sin.append(jnp.concatenate(parts, axis=-1).reshape(frames * height * width, -1))
-  return cos_sin[0], cos_sin[1]
+    out.append(jnp.concatenate(parts, axis=-1).reshape(frames * height * width, -1))
+  return out[0], out[1]
 
 
 def apply_rope(x_BTND: Array, cos_TK: Array, sin_TK: Array) -> Array:
