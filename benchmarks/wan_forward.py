@@ -149,6 +149,10 @@ def main() -> None:
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch_model = torch_model.to(dev, tdtype)
+    if tdtype != torch.float32:  # diffusers keeps these in float32 (as from_pretrained would)
+      for name, mod in torch_model.named_modules():
+        if any(k in name.split(".") for k in torch_model._keep_in_fp32_modules):
+          mod.to(torch.float32)
     xt = torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy()).to(dev, tdtype)
     tt = torch.from_numpy(t).to(dev)
     ct = torch.from_numpy(ctx).to(dev, tdtype)
