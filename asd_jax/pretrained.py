@@ -8,6 +8,8 @@ nested dicts of jax arrays, restored straight into the given shardings when ther
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,7 +23,16 @@ from asd_jax.models import wan
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-_NOT_YET = ("vae", "umt5")
+# Other kinds are loaded by `load_converted(directory, *, shardings, **overrides)` in their
+# converter module.
+_KIND_MODULES = {"vae": "asd_jax.convert.vae", "umt5": "asd_jax.convert.umt5"}
+
+
+def _kind_module(kind: str):
+  name = _KIND_MODULES[kind]
+  if importlib.util.find_spec(name) is None:
+    raise NotImplementedError(f"loading kind {kind!r} is not implemented yet.")
+  return importlib.import_module(name)
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -38,10 +49,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _model_config(meta: dict[str, Any], overrides: dict[str, Any]) -> wan.WanConfig:
   kind = meta["kind"]
-  if kind in _NOT_YET:
-    raise NotImplementedError(f"loading kind {kind!r} is not implemented yet (only 'wan' is).")
   if kind != "wan":
-    raise ValueError(f"unknown checkpoint kind {kind!r} in config.json; expected 'wan'.")
+    raise ValueError(f"checkpoint kind {kind!r} in config.json is not a Wan DiT.")
   arch = sorted(set(overrides) & set(wan.WanConfig.ARCH_FIELDS))
   changed = [k for k in arch if overrides[k] != meta["config"].get(k)]
   if changed:
@@ -107,6 +116,12 @@ def load(directory: str | os.PathLike, *, shardings: Any = None,
   """
   directory = Path(directory)
   meta = read_config(directory)
+  if meta["kind"] in _KIND_MODULES:
+    return _kind_module(meta["kind"]).load_converted(directory, shardings=shardings,
+                                                     **config_overrides)
+  if meta["kind"] != "wan":
+    raise ValueError(f"unknown checkpoint kind {meta['kind']!r} in {directory}/config.json; "
+                     f"known: {['wan', *_KIND_MODULES]}.")
   cfg = _model_config(meta, config_overrides)
   dtype = config_overrides.get("param_dtype")
   params = _restore(directory, cfg, shardings, dtype)

@@ -444,11 +444,12 @@ def test_existing_destination_needs_overwrite(tmp_path):
   assert _listing(tmp_path) == ["m.safetensors", "out"]
 
 
-def test_cli_reports_errors(tmp_path, capsys):
-  from asd_jax.convert.__main__ import main  # pylint: disable=g-import-not-at-top
-  assert main(["wan", f"--src={tmp_path / 'nope'}", f"--dst={tmp_path / 'out'}"]) == 1
+def test_cli_reports_errors(tmp_path, capsys, monkeypatch):
+  from asd_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["wan", f"--src={tmp_path / 'nope'}", f"--dst={tmp_path / 'out'}"]) == 1
   assert "does not exist" in capsys.readouterr().err
-  assert main(["vae", "--src=x", "--dst=y"]) == 2
+  monkeypatch.setitem(cli._MODULE_COMMANDS, "later", "asd_jax.convert.no_such_module")
+  assert cli.main(["later", "--src=x", "--dst=y"]) == 2
   assert "not implemented yet" in capsys.readouterr().err
 
 
@@ -535,7 +536,7 @@ def test_load_overrides_and_refusals(tmp_path):
   with pytest.raises(ValueError, match="architecture fields"):
     pretrained.load(tmp_path / "jax", num_layers=4)
   meta = json.loads((tmp_path / "jax" / "config.json").read_text())
-  meta["kind"] = "vae"
+  meta["kind"] = "flux"
   (tmp_path / "jax" / "config.json").write_text(json.dumps(meta))
-  with pytest.raises(NotImplementedError, match="'vae'"):
+  with pytest.raises(ValueError, match="unknown checkpoint kind 'flux'"):
     pretrained.load(tmp_path / "jax")

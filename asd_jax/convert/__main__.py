@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 
-_NOT_YET = ("vae", "umt5", "release")
+# Further commands live in their own modules, each with HELP, add_arguments(parser) and
+# run(args) -> int; a command whose module does not exist yet answers "not implemented yet".
+_MODULE_COMMANDS = {
+    "vae": "asd_jax.convert.vae",
+    "umt5": "asd_jax.convert.umt5",
+    "release": "asd_jax.convert.release",
+}
+
+
+def _module_for(command: str):
+  name = _MODULE_COMMANDS[command]
+  return importlib.import_module(name) if importlib.util.find_spec(name) else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,24 +54,30 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--overwrite", action="store_true", help="replace an existing --dst.")
   e.add_argument("--quiet", action="store_true")
 
-  for name in _NOT_YET:
-    sub.add_parser(name, help="not implemented yet.")
+  for command in _MODULE_COMMANDS:
+    module = _module_for(command)
+    if module is None:
+      sub.add_parser(command, help="not implemented yet.")
+    else:
+      module.add_arguments(sub.add_parser(command, help=module.HELP))
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args, unknown = parser.parse_known_args(argv)
-  if args.command not in _NOT_YET and unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-  if args.command in _NOT_YET:
-    print(f"error: `convert {args.command}` is not implemented yet; only `wan` and `export-wan` "
-          f"are.", file=sys.stderr)
+  module = _module_for(args.command) if args.command in _MODULE_COMMANDS else None
+  if args.command in _MODULE_COMMANDS and module is None:
+    print(f"error: `convert {args.command}` is not implemented yet.", file=sys.stderr)
     return 2
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   # Imported here so that --help answers without loading jax.
   from asd_jax.convert import wan  # pylint: disable=g-import-not-at-top
   from asd_jax.convert.common import ConversionError  # pylint: disable=g-import-not-at-top
   try:
+    if module is not None:
+      return module.run(args)
     if args.command == "wan":
       wan.convert(args.src, args.dst, fmt=args.format, key=args.key, dtype=args.dtype,
                   num_heads=args.num_heads, overwrite=args.overwrite, verbose=not args.quiet)
