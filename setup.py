@@ -20,6 +20,7 @@ setup(
         "einops",
         "transformers",
         "tensorflow-datasets",
+        "array_record",
         "safetensors",
         "numpy",
         "ml_dtypes",
