@@ -21,6 +21,7 @@ setup(
         "transformers",
         "tensorflow-datasets",
         "array_record",
+        "imageio-ffmpeg<0.8",
         "safetensors",
         "numpy",
         "ml_dtypes",

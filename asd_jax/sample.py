@@ -1,0 +1,267 @@
+"""python -m asd_jax.sample: text in, mp4 out, with the causal chunk sampler and streaming decode.
+
+  python -m asd_jax.sample --model_dir=DIR [--checkpoint=DIR] --prompt="..." [--prompts_file=F]
+      [--steps=N] [--first_chunk_steps=M] [--num_frames=81] [--seed=0] [--output=out.mp4]
+
+`--model_dir` holds the converted parts `dit/`, `vae/`, `umt5/`, `tokenizer/` (what
+`python -m asd_jax.convert release` writes); `--checkpoint` replaces the generator (e.g. a distilled
+export); `--vae`, `--text_encoder`, `--tokenizer` replace single parts. Later chunks take `--steps`
+steps, the first chunk `--first_chunk_steps` (First-Frame Enhancement: 4 and 1 give "1*"), picked
+from the `--training_steps` warped schedule by prefix or spread; `--first_chunk_timesteps` and
+`--later_chunk_timesteps` give explicit lists instead. Every function here can be called from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asd_jax.diffusion import ffe_schedules, few_step_schedule, validate_timesteps
+from asd_jax.sampling import generate, validate_generation
+
+FPS = 16
+CHUNK_FRAMES = 3
+
+
+@dataclass
+class Request:
+  """A validated sampling request (everything checked before a model is loaded)."""
+  prompts: list[str]
+  first: tuple[float, ...]
+  later: tuple[float, ...]
+  latent_frames: int
+  latent_hw: tuple[int, int]
+  outputs: list[Path]
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+  if text is None:
+    return None
+  try:
+    return tuple(float(t) for t in text.replace(" ", "").split(",") if t)
+  except ValueError as e:
+    raise ValueError(f"expected comma-separated timesteps, got {text!r}.") from e
+
+
+def plan(args: argparse.Namespace) -> Request:
+  """Checks the arguments and works out schedules, sizes and output paths (no model loaded)."""
+  prompts = []
+  if args.prompt:
+    prompts.append(args.prompt)
+  if args.prompts_file:
+    path = Path(args.prompts_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"--prompts_file {path} does not exist.")
+    prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+  if not prompts:
+    raise ValueError("give a --prompt or a non-empty --prompts_file.")
+  if (args.num_frames - 1) % 4:
+    raise ValueError(f"--num_frames must be 4k + 1 (the VAE's temporal stride), got "
+                     f"{args.num_frames}; e.g. 81, 45, 33, 9.")
+  latent_frames = (args.num_frames - 1) // 4 + 1
+  if latent_frames % CHUNK_FRAMES:
+    ok = [4 * (CHUNK_FRAMES * n - 1) + 1 for n in range(1, 8)]
+    raise ValueError(f"--num_frames {args.num_frames} gives {latent_frames} latent frames, not a "
+                     f"whole number of {CHUNK_FRAMES}-frame chunks; use one of {ok}.")
+  if args.height % 16 or args.width % 16:
+    raise ValueError(f"--height and --width must be multiples of 16, got {args.height}x"
+                     f"{args.width}.")
+  training = few_step_schedule(args.training_steps, args.shift)
+  first = _floats(args.first_chunk_timesteps)
+  later = _floats(args.later_chunk_timesteps)
+  first_steps = args.first_chunk_steps if args.first_chunk_steps else max(args.steps,
+                                                                         args.training_steps)
+  if first is None:
+    first = ffe_schedules(training, first_steps, args.ffe_variant)[1]
+  if later is None:
+    later = ffe_schedules(training, args.steps, args.ffe_variant)[1]
+  first = validate_timesteps(first, "--first_chunk_timesteps")
+  later = validate_timesteps(later, "--later_chunk_timesteps")
+  latent_hw = (args.height // 8, args.width // 8)
+  validate_generation((1, latent_frames) + latent_hw + (1,), first, later, CHUNK_FRAMES,
+                      args.cache_frames, args.sink_frames)
+  out = Path(args.output)
+  if out.suffix.lower() != ".mp4":
+    raise ValueError(f"--output must end in .mp4, got {out}.")
+  outputs = ([out] if len(prompts) == 1 else
+             [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(prompts))])
+  return Request(prompts, first, later, latent_frames, latent_hw, outputs)
+
+
+def resolve_parts(args: argparse.Namespace) -> dict[str, Path]:
+  """Paths of dit/vae/umt5/tokenizer from --model_dir and the single-part overrides."""
+  root = Path(args.model_dir) if args.model_dir else None
+  parts = {"dit": args.checkpoint, "vae": args.vae, "umt5": args.text_encoder,
+           "tokenizer": args.tokenizer}
+  out, missing = {}, []
+  for name, override in parts.items():
+    path = Path(override) if override else (root / name if root else None)
+    if path is None or not path.exists():
+      missing.append(f"{name}: {path if path else '(no --model_dir)'}")
+    else:
+      out[name] = path
+  if missing:
+    raise FileNotFoundError(
+        "missing model parts:\n  " + "\n  ".join(missing) + "\nGive --model_dir (written by "
+        "`python -m asd_jax.convert release`) or --checkpoint/--vae/--text_encoder/--tokenizer.")
+  return out
+
+
+def decode_stream(vae_module: Any, vae_params: Any, latents: jax.Array,
+                  chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
+  """Streaming decode: yields uint8 frames [n, H, W, 3] chunk by chunk (latents [1, F, h, w, z])."""
+  B, F, h, w, _ = latents.shape
+  state = vae_module.init_decode_state(B, h, w)
+  step = jax.jit(lambda p, s, z: vae_module.apply({"params": p}, s, z, method="decode_chunk"))
+  for start in range(0, F, chunk_frames):
+    frames, state = step(vae_params, state, latents[:, start:start + chunk_frames])
+    yield np.asarray(jnp.round((frames[0] + 1.0) * 127.5).astype(jnp.uint8))
+
+
+def write_mp4(path: Path, frames: Iterator[np.ndarray], size: tuple[int, int],
+              fps: int = FPS) -> int:
+  """Writes uint8 frame batches [n, H, W, 3] to an H.264 mp4 as they come; returns the count."""
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  height, width = size
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.partial.mp4")
+  writer = imageio_ffmpeg.write_frames(str(tmp), (width, height), fps=fps, codec="libx264",
+                                       pix_fmt_out="yuv420p", macro_block_size=1,
+                                       output_params=["-crf", "18"])
+  writer.send(None)
+  count = 0
+  try:
+    for batch in frames:
+      for frame in batch:
+        writer.send(np.ascontiguousarray(frame))
+        count += 1
+  finally:
+    writer.close()
+  tmp.replace(path)
+  return count
+
+
+def _progress(total: int, desc: str, quiet: bool):
+  if quiet:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, desc=desc, unit="chunk", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+  """Loads the parts, generates every prompt, writes the mp4s (and latents); returns the paths."""
+  from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from asd_jax.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  req = plan(args)
+  parts = resolve_parts(args)
+  log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+  log(f"schedules: first chunk {list(req.first)}, later chunks {list(req.later)}")
+  encoder = TextEncoder.load(parts["umt5"], parts["tokenizer"], dtype=args.dtype)
+  context, _ = encoder(req.prompts)
+  dit, dit_params = pretrained.load(parts["dit"], dtype=args.dtype)
+  vae, vae_params = pretrained.load(parts["vae"], dtype=args.dtype)
+  if context.shape[-1] != dit.config.text_dim:
+    raise ValueError(f"the text encoder gives {context.shape[-1]} channels, the DiT expects "
+                     f"text_dim={dit.config.text_dim}: the parts do not belong together.")
+  if vae.config.z_dim != dit.config.in_channels:
+    raise ValueError(f"the VAE has {vae.config.z_dim} latent channels, the DiT "
+                     f"{dit.config.in_channels}: the parts do not belong together.")
+  n_chunks = req.latent_frames // CHUNK_FRAMES
+  shape = (1, req.latent_frames) + req.latent_hw + (dit.config.in_channels,)
+
+  bar = None
+
+  def on_chunk(_):
+    if bar is not None:
+      bar.update(1)
+
+  sampler = jax.jit(lambda p, c, z, r: generate(
+      dit, p, c, z, first_chunk_timesteps=req.first, later_chunk_timesteps=req.later,
+      chunk_frames=CHUNK_FRAMES, rng=r, cache_frames=args.cache_frames,
+      sink_frames=args.sink_frames, on_chunk=on_chunk))
+  written = []
+  for i, (prompt, out) in enumerate(zip(req.prompts, req.outputs)):
+    key = jax.random.fold_in(jax.random.key(args.seed), i)
+    noise_key, renoise_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, shape, jnp.float32)
+    bar = _progress(n_chunks, f"denoise {i + 1}/{len(req.prompts)}", args.quiet)
+    t0 = time.perf_counter()
+    latents = jax.block_until_ready(sampler(dit_params, jnp.asarray(context[i:i + 1]), noise,
+                                            renoise_key))
+    gen_s = time.perf_counter() - t0
+    if bar is not None:
+      bar.close()
+    if args.save_latents:
+      np.save(out.with_suffix(".latents.npy"), np.asarray(latents[0]))
+    bar = _progress(n_chunks, f"decode {i + 1}/{len(req.prompts)}", args.quiet)
+
+    def frames():
+      for batch in decode_stream(vae, vae_params, latents):
+        yield batch
+        if bar is not None:
+          bar.update(1)
+
+    pixel_hw = (req.latent_hw[0] * 8, req.latent_hw[1] * 8)
+    count = write_mp4(out, frames(), pixel_hw)
+    if bar is not None:
+      bar.close()
+    log(json.dumps({"prompt": prompt, "output": str(out), "frames": count,
+                    "generate_seconds": round(gen_s, 3)}))
+    written.append(out)
+  return written
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m asd_jax.sample", description=__doc__.split("\n")[0])
+  p.add_argument("--model_dir", help="converted parts: dit/, vae/, umt5/, tokenizer/")
+  p.add_argument("--checkpoint", help="generator directory (replaces model_dir/dit)")
+  p.add_argument("--vae", help="VAE directory (replaces model_dir/vae)")
+  p.add_argument("--text_encoder", help="umT5 directory (replaces model_dir/umt5)")
+  p.add_argument("--tokenizer", help="tokenizer directory (replaces model_dir/tokenizer)")
+  p.add_argument("--prompt", help="one prompt")
+  p.add_argument("--prompts_file", help="a text file, one prompt per line")
+  p.add_argument("--steps", type=int, default=4, help="denoising steps of later chunks")
+  p.add_argument("--first_chunk_steps", type=int, default=None,
+                 help="steps of the first chunk (default: all --training_steps, i.e. FFE)")
+  p.add_argument("--training_steps", type=int, default=4,
+                 help="length of the warped schedule the generator was trained on")
+  p.add_argument("--shift", type=float, default=5.0, help="timestep shift of that schedule")
+  p.add_argument("--ffe_variant", default="prefix", choices=("prefix", "spread"))
+  p.add_argument("--first_chunk_timesteps", help="explicit list, e.g. 1000,937.5,833.33,625")
+  p.add_argument("--later_chunk_timesteps", help="explicit list, e.g. 1000")
+  p.add_argument("--num_frames", type=int, default=81, help="pixel frames, 4k + 1")
+  p.add_argument("--height", type=int, default=480)
+  p.add_argument("--width", type=int, default=832)
+  p.add_argument("--cache_frames", type=int, default=None,
+                 help="latent frames in the KV cache (default: the whole video)")
+  p.add_argument("--sink_frames", type=int, default=0, help="frames kept when the window rolls")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--output", default="out.mp4")
+  p.add_argument("--save_latents", action="store_true", help="also write OUTPUT.latents.npy")
+  p.add_argument("--quiet", action="store_true")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    run(args)
+  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""`python -m asd_jax.sample` end to end on tiny random parts, and its argument checks."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asd_jax import sample
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  pytest.importorskip("sentencepiece")
+  import tiny_parts
+  return tiny_parts.model_dir(tmp_path_factory.mktemp("parts"))
+
+
+def _read_mp4(path):
+  import imageio_ffmpeg
+  reader = imageio_ffmpeg.read_frames(str(path))
+  meta = next(reader)
+  frames = [np.frombuffer(f, np.uint8) for f in reader]
+  return meta, frames
+
+
+def test_cli_writes_an_mp4(model_dir, tmp_path):
+  out = tmp_path / "video.mp4"
+  r = subprocess.run(
+      [sys.executable, "-m", "asd_jax.sample", f"--model_dir={model_dir}",
+       "--prompt=a red cat runs over the lazy fox", "--steps=1", "--num_frames=33",
+       "--height=32", "--width=48", "--dtype=float32", f"--output={out}", "--save_latents"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr
+  assert "first chunk [1000.0, 937.5, 833.3333333333334, 625.0], later chunks [1000.0]" in r.stderr
+  meta, frames = _read_mp4(out)
+  assert tuple(meta["size"]) == (48, 32) and meta["fps"] == 16
+  assert len(frames) == 33
+  latents = np.load(out.with_suffix(".latents.npy"))
+  assert latents.shape == (9, 4, 6, 4) and np.isfinite(latents).all()
+
+
+def test_prompts_file_and_part_overrides(model_dir, tmp_path):
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red cat\n\nthe blue sky\n")
+  args = sample.parser().parse_args([
+      f"--checkpoint={model_dir / 'dit'}", f"--vae={model_dir / 'vae'}",
+      f"--text_encoder={model_dir / 'umt5'}", f"--tokenizer={model_dir / 'tokenizer'}",
+      f"--prompts_file={prompts}", "--num_frames=9", "--height=16", "--width=16",
+      "--steps=2", "--first_chunk_steps=2", "--dtype=float32", f"--output={tmp_path / 'v.mp4'}",
+      "--quiet"])
+  written = sample.run(args)
+  assert [p.name for p in written] == ["v_000.mp4", "v_001.mp4"]
+  for path in written:
+    meta, frames = _read_mp4(path)
+    assert tuple(meta["size"]) == (16, 16) and len(frames) == 9
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--num_frames=80"], "4k \\+ 1"),
+    (["--num_frames=25"], "whole number of 3-frame chunks"),
+    (["--height=100"], "multiples of 16"),
+    (["--steps=5"], "later_steps"),
+    (["--later_chunk_timesteps=1000,1000"], "strictly decreasing"),
+    (["--first_chunk_timesteps=1200"], r"\(0, 1000\]"),
+    (["--output=video.avi"], "must end in .mp4"),
+    ([], "missing model parts"),
+])
+def test_impossible_arguments_fail_clearly(tmp_path, capsys, argv, msg):
+  base = ["--prompt=x", f"--model_dir={tmp_path / 'nothing'}"]
+  assert sample.main(base + argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and re.search(msg, err), err
+
+
+def test_no_prompt(capsys):
+  assert sample.main(["--model_dir=x"]) == 2
+  assert "--prompt" in capsys.readouterr().err
