@@ -403,36 +403,13 @@ def test_module_entry_point():
 def tiny_umt5(tmp_path_factory):
   """(converted umT5 folder, tokenizer folder): a random UMT5EncoderModel (vocab 256, d_model 32)
   converted by `asd_jax.convert umt5`, and a SentencePiece model trained here (vocab 200)."""
-  import io
-  import random
-
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  spm = pytest.importorskip("sentencepiece")
-  from asd_jax.convert.__main__ import main as convert_main
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  pytest.importorskip("sentencepiece")
+  import tiny_parts
 
   root = tmp_path_factory.mktemp("tiny_umt5")
-  torch.manual_seed(0)
-  model = transformers.UMT5EncoderModel(transformers.UMT5Config(
-      vocab_size=256, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
-  model.save_pretrained(root / "hf")
-  assert convert_main(["umt5", f"--src={root / 'hf'}", f"--dst={root / 'umt5'}", "--quiet"]) == 0
-
-  rnd = random.Random(0)
-  syllables = ["ka", "to", "ri", "mu", "se", "lo", "an", "ve", "ni", "da", "pe", "zo"]
-  words = ["".join(rnd.choice(syllables) for _ in range(rnd.randint(1, 3))) for _ in range(300)]
-  words += "a red cat dog runs over the lazy fox blue sky".split()
-  sentences = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12))) for _ in range(500)]
-  spiece = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=spiece,
-                                 vocab_size=200, model_type="unigram", pad_id=0, eos_id=1,
-                                 unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
-  (root / "spm").mkdir()
-  (root / "spm" / "spiece.model").write_bytes(spiece.getvalue())
-  tok = transformers.T5Tokenizer.from_pretrained(str(root / "spm"), extra_ids=0)
-  tok.save_pretrained(str(root / "tokenizer"))
-  return root / "umt5", root / "tokenizer"
+  return tiny_parts.umt5(root), tiny_parts.train_tokenizer(root)
 
 
 def test_cli_end_to_end_with_umt5(tmp_path, tiny_umt5):

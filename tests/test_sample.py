@@ -84,3 +84,28 @@ def test_impossible_arguments_fail_clearly(tmp_path, capsys, argv, msg):
 def test_no_prompt(capsys):
   assert sample.main(["--model_dir=x"]) == 2
   assert "--prompt" in capsys.readouterr().err
+
+
+def test_release_converts_into_the_model_dir_layout(model_dir):
+  from asd_jax import pretrained
+  from asd_jax.models import umt5, vae, wan
+  assert sorted(p.name for p in model_dir.iterdir()) == ["dit", "tokenizer", "umt5", "vae"]
+  for name, cls in (("dit", wan.WanModel), ("vae", vae.WanVAE), ("umt5", umt5.UMT5Encoder)):
+    module, _ = pretrained.load(model_dir / name)
+    assert isinstance(module, cls)
+  assert module.config.dtype == "float32"
+  assert (model_dir / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_incomplete_release_is_refused_and_nothing_written(tmp_path, capsys):
+  from asd_jax.convert.__main__ import main
+  src = tmp_path / "release"
+  src.mkdir()
+  (src / "Wan2.1_VAE.pth").write_bytes(b"")
+  assert main(["release", f"--src={src}", f"--dst={tmp_path / 'out'}"]) == 1
+  err = capsys.readouterr().err
+  for part in ("dit:", "umt5:", "tokenizer:"):
+    assert part in err
+  assert "vae:" not in err
+  assert not (tmp_path / "out").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]

@@ -10,9 +10,7 @@ float32 by ~1.5e-2 of the output scale; the check allows 5e-2. A prompt encoded 
 gives the same context to 1e-6 (bit-identical on CPU).
 """
 
-import io
 import json
-import random
 import re
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from asd_jax.convert import umt5 as cu  # noqa: E402
 from asd_jax.convert.__main__ import main as convert_main  # noqa: E402
 from asd_jax.convert.common import ConversionError  # noqa: E402
 from asd_jax.models import umt5  # noqa: E402
+import tiny_parts  # noqa: E402  (tests/ helper)
 
 ATOL, RTOL = 2e-5, 1e-5
 HF_CONFIG = dict(vocab_size=256, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2,
@@ -399,27 +398,13 @@ def test_bad_inputs_are_refused(hf, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and TextEncoder.
 
-_SYLLABLES = ["ka", "to", "ri", "mu", "se", "lo", "an", "ve", "ni", "da", "pe", "zo", "ba", "el"]
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
   """A SentencePiece unigram model (vocab 200) trained here, wrapped the transformers 5.x way:
   `T5Tokenizer.from_pretrained` on a folder holding spiece.model (the constructor's vocab_file is
   ignored in 5.x), saved with save_pretrained, to be read back with AutoTokenizer."""
-  rnd = random.Random(0)
-  words = ["".join(rnd.choice(_SYLLABLES) for _ in range(rnd.randint(1, 3))) for _ in range(300)]
-  words += "a red cat dog runs over the lazy fox blue sky".split()
-  sentences = [" ".join(rnd.choice(words) for _ in range(rnd.randint(3, 12))) for _ in range(500)]
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
-                                 vocab_size=200, model_type="unigram", pad_id=0, eos_id=1,
-                                 unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
   root = tmp_path_factory.mktemp("tokenizer")
-  (root / "spm").mkdir()
-  (root / "spm" / "spiece.model").write_bytes(model.getvalue())
-  tok = transformers.T5Tokenizer.from_pretrained(str(root / "spm"), extra_ids=0)
-  tok.save_pretrained(str(root / "saved"))
+  tiny_parts.train_tokenizer(root)
   return root
 
 
@@ -434,7 +419,7 @@ def test_clean_prompt():
 
 def test_tokenizer(tokenizer_dir):
   sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "spm" / "spiece.model"))
-  tok = text.Tokenizer.load(tokenizer_dir / "saved", text_len=16)
+  tok = text.Tokenizer.load(tokenizer_dir / "tokenizer", text_len=16)
   prompts = ["a red cat", "the  lazy fox\nruns", "", " ".join(["blue sky"] * 20)]
   ids, mask = tok(prompts)
   assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == (4, 16)
@@ -451,7 +436,7 @@ def test_tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def encoder(hf, tokenizer_dir):
-  return text.TextEncoder.load(hf[2], tokenizer_dir / "saved", dtype="float32")
+  return text.TextEncoder.load(hf[2], tokenizer_dir / "tokenizer", dtype="float32")
 
 
 def test_text_encoder_end_to_end(hf, encoder):
@@ -486,7 +471,7 @@ def test_text_encoder_batch_size_and_bf16(hf, tokenizer_dir, encoder):
   np.testing.assert_allclose(out, full, atol=1e-6, rtol=0)
   assert chunked([])[0].shape == (0, 512, 32)
 
-  bf16 = text.TextEncoder.load(hf[2], tokenizer_dir / "saved")  # the default: bfloat16
+  bf16 = text.TextEncoder.load(hf[2], tokenizer_dir / "tokenizer")  # the default: bfloat16
   assert bf16.module.config.dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16.params))
   out16, lengths16 = bf16(prompts)
@@ -505,12 +490,12 @@ def test_text_encoder_bad_inputs(hf, tokenizer_dir, encoder, tmp_path):
   with pytest.raises(ValueError, match="token ids"):
     encoder.encode_ids(np.full((1, 4), 300), np.ones((1, 4)))
   with pytest.raises(FileNotFoundError):
-    text.TextEncoder.load(tmp_path / "absent", tokenizer_dir / "saved")
+    text.TextEncoder.load(tmp_path / "absent", tokenizer_dir / "tokenizer")
   (tmp_path / "wan").mkdir()
   (tmp_path / "wan" / "config.json").write_text(json.dumps({"kind": "wan", "config": {}}))
   with pytest.raises(ValueError, match="not a umT5"):
-    text.TextEncoder.load(tmp_path / "wan", tokenizer_dir / "saved")
-  big = text.Tokenizer.load(tokenizer_dir / "saved")
+    text.TextEncoder.load(tmp_path / "wan", tokenizer_dir / "tokenizer")
+  big = text.Tokenizer.load(tokenizer_dir / "tokenizer")
   small = umt5.UMT5Encoder(umt5.UMT5Config.preset("tiny", vocab_size=100))
   with pytest.raises(ValueError, match="vocabulary"):
     text.TextEncoder(small, None, big)

@@ -54,41 +54,55 @@ def umt5(root: Path) -> Path:
   return root / "umt5"
 
 
-def dit(root: Path) -> Path:
-  """A random diffusers WanTransformer3DModel that reads tiny-VAE latents and tiny-umT5 text."""
+def release(root: Path) -> Path:
+  """A tiny official-style Wan 2.1 release folder: original key names and file names."""
+  import json
+
   import diffusers
+  import safetensors.torch
   import torch
+  import transformers
+
+  from asd_jax.convert import umt5 as umt5_convert
+  from asd_jax.convert import vae as vae_convert
+  from asd_jax.convert import wan_keys
+  from asd_jax.models.vae import VAEConfig
+  out = root / "release"
+  out.mkdir(parents=True)
   torch.manual_seed(0)
-  model = diffusers.WanTransformer3DModel(
+  dit_model = diffusers.WanTransformer3DModel(
       patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=VAE_Z_DIM,
       out_channels=VAE_Z_DIM, text_dim=UMT5_D_MODEL, freq_dim=32, ffn_dim=32, num_layers=2,
-      cross_attn_norm=True, qk_norm="rms_norm_across_heads").eval()
-  model.save_pretrained(root / "hf_dit")
-  _convert("wan", f"--src={root / 'hf_dit'}", f"--dst={root / 'dit'}")
-  return root / "dit"
-
-
-def vae(root: Path) -> Path:
-  """A random diffusers AutoencoderKLWan (WAN.md's tiny config), converted."""
-  import diffusers
-  import torch
-  torch.manual_seed(0)
-  model = diffusers.AutoencoderKLWan(
+      cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+  safetensors.torch.save_file(
+      {wan_keys.diffusers_to_original(k): v.contiguous()
+       for k, v in dit_model.state_dict().items()},
+      out / "diffusion_pytorch_model.safetensors")
+  (out / "config.json").write_text(json.dumps({"_class_name": "WanModel", "dim": 24,
+                                               "num_heads": 2, "eps": 1e-6}))
+  vae_model = diffusers.AutoencoderKLWan(
       base_dim=8, z_dim=VAE_Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-      temperal_downsample=[False, True, True], latents_mean=[0.0] * VAE_Z_DIM,
-      latents_std=[1.0] * VAE_Z_DIM).eval()
-  model.save_pretrained(root / "hf_vae")
-  _convert("vae", f"--src={root / 'hf_vae'}", f"--dst={root / 'vae'}")
-  return root / "vae"
+      temperal_downsample=[False, True, True])
+  to_original = {spec.diffusers: name for name, spec in vae_convert.expected_keys(
+      VAEConfig.preset("tiny")).items()}
+  torch.save({to_original[k]: v for k, v in vae_model.state_dict().items()},
+             out / "Wan2.1_VAE.pth")
+  text_model = transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=256, d_model=UMT5_D_MODEL, d_ff=64, num_heads=4, d_kv=8, num_layers=2,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0))
+  state = {umt5_convert.hf_to_original(k): v.to(torch.bfloat16)
+           for k, v in text_model.state_dict().items()}
+  torch.save(state, out / "models_t5_umt5-xxl-enc-bf16.pth")
+  train_tokenizer(root / "tok").rename(_mkparent(out / "google" / "umt5-xxl"))
+  return out
+
+
+def _mkparent(path: Path) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
 
 
 def model_dir(root: Path) -> Path:
-  """root/model with dit/, vae/, umt5/, tokenizer/ (the `--model_dir` layout)."""
-  out = root / "model"
-  out.mkdir(parents=True, exist_ok=True)
-  work = root / "work"
-  work.mkdir(parents=True, exist_ok=True)
-  for name, make in (("dit", dit), ("vae", vae), ("umt5", umt5)):
-    make(work).rename(out / name)
-  train_tokenizer(work).rename(out / "tokenizer")
-  return out
+  """root/model with dit/, vae/, umt5/, tokenizer/, written by `convert release`."""
+  _convert("release", f"--src={release(root)}", f"--dst={root / 'model'}")
+  return root / "model"
