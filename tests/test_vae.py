@@ -366,6 +366,10 @@ def test_unsupported_configs_and_missing_src_are_refused(reference, tmp_path):
     cv.state_dict_to_params(state, config_json={**model.config, "is_residual": True})
   with pytest.raises(ConversionError, match="config.json says base_dim=16"):
     cv.state_dict_to_params(state, config_json={**model.config, "base_dim": 16})
+  # diffusers' default 16-value statistics on a 4-channel model are ignored, not fatal.
+  cfg, _ = cv.state_dict_to_params(state, config_json={**model.config, "latents_mean": [0.5] * 16,
+                                                       "latents_std": [2.0] * 16})
+  assert cfg.latents_mean == (0.0,) * 4 and cfg.latents_std == (1.0,) * 4
   assert _listing(tmp_path) == []
 
 

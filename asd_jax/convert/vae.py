@@ -264,9 +264,14 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], naming: str,
       raise ConversionError(f"config.json says {k}={fields[k]}, the checkpoint's shapes say {v}.")
   fields.update(inferred)
   z = fields.get("z_dim", base.z_dim)
-  if cj and "latents_mean" in cj and "latents_std" in cj:
+  stats = [cj.get("latents_mean"), cj.get("latents_std")] if cj else [None, None]
+  if all(s is not None for s in stats) and any(len(s) != z for s in stats):
+    log(f"config.json's latents_mean/latents_std have {len(stats[0])}/{len(stats[1])} values for "
+        f"z_dim={z}; ignoring them.")
+    stats = [None, None]
+  if all(s is not None for s in stats):
     stats_from = "config.json"
-    fields["latents_mean"], fields["latents_std"] = cj["latents_mean"], cj["latents_std"]
+    fields["latents_mean"], fields["latents_std"] = stats
   elif z == len(vae.WAN21_LATENTS_MEAN):
     stats_from = "wan2.1"
   else:

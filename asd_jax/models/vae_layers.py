@@ -108,11 +108,12 @@ def causal(conv: Conv3d, x: Array, cache: Array | None) -> tuple[Array, Array]:
 
 class ChannelNorm(nn.Module):
   """Wan's "RMS_norm": x / ||x||_2 over channels * sqrt(C) * scale, normalised in float32."""
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     C = x.shape[-1]
-    scale = self.param("scale", _init(("vae_norm",), nn.initializers.ones), (C,), jnp.float32)
+    scale = self.param("scale", _init(("vae_norm",), nn.initializers.ones), (C,), self.param_dtype)
     xf = x.astype(jnp.float32)
     # F.normalize: x / max(||x||, 1e-12).
     inv = jax.lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), 1e-24))
@@ -136,9 +137,9 @@ class ResidualBlock(nn.Module):
     cache = cache or {}
     h = x if x.shape[-1] == self.out_dim else self._conv(self.out_dim, (1, 1, 1),
                                                           "conv_shortcut")(x)
-    y = nn.silu(ChannelNorm(name="norm1")(x))
+    y = nn.silu(ChannelNorm(self.param_dtype, name="norm1")(x))
     y, c1 = causal(self._conv(self.out_dim, (3, 3, 3), "conv1"), y, cache.get("conv1"))
-    y = nn.silu(ChannelNorm(name="norm2")(y))  # (dropout 0 at inference)
+    y = nn.silu(ChannelNorm(self.param_dtype, name="norm2")(y))  # (dropout 0 at inference)
     y, c2 = causal(self._conv(self.out_dim, (3, 3, 3), "conv2"), y, cache.get("conv2"))
     return y + h, {"conv1": c1, "conv2": c2}
 
@@ -154,7 +155,7 @@ class AttentionBlock(nn.Module):
     B, T, H, W, C = x.shape
     conv = lambda f, name: Conv2d(f, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
                                   precision=self.precision, name=name)
-    qkv = conv(3 * C, "to_qkv")(ChannelNorm(name="norm")(x))
+    qkv = conv(3 * C, "to_qkv")(ChannelNorm(self.param_dtype, name="norm")(x))
     q, k, v = (t.reshape(B * T, H * W, 1, C) for t in jnp.split(qkv, 3, axis=-1))
     a = attention(q, k, v, impl="auto").reshape(B, T, H, W, C)
     return x + conv(C, "proj")(a)
@@ -309,7 +310,7 @@ class Encoder(nn.Module):
           new[name] = c
         n += 1
     x, new["mid_block"] = MidBlock(**kw, name="mid_block")(x, cache.get("mid_block"))
-    x = nn.silu(ChannelNorm(name="norm_out")(x))
+    x = nn.silu(ChannelNorm(self.param_dtype, name="norm_out")(x))
     x, new["conv_out"] = causal(Conv3d(2 * self.z_dim, (3, 3, 3), **kw, name="conv_out"), x,
                                 cache.get("conv_out"))
     return x, new
@@ -343,7 +344,7 @@ class Decoder(nn.Module):
       name = f"up_blocks_{i}"
       x, new[name] = UpBlock(out_dim, self.num_res_blocks, mode, **kw, name=name)(
           x, cache.get(name), first)
-    x = nn.silu(ChannelNorm(name="norm_out")(x))
+    x = nn.silu(ChannelNorm(self.param_dtype, name="norm_out")(x))
     x, new["conv_out"] = causal(Conv3d(3, (3, 3, 3), **kw, name="conv_out"), x,
                                 cache.get("conv_out"))
     return x, new
