@@ -1,0 +1,1 @@
+"""Distillation: the Self Forcing rollout and the DMD, critic, ASD and ODE-regression losses."""
