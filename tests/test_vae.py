@@ -9,7 +9,7 @@ by hand on its side.
 Reached: encode 4.5e-7 absolute on latents of magnitude ~2 (tolerance 1e-5 absolute); decode
 4.5e-6 absolute on frames in [-1, 1] (tolerance 2e-5 absolute plus 1e-5 relative; the x4 output
 conv scales the float32 rounding up by as much). A second random config (channel changes, two
-residual blocks, another temporal pattern; one-pass encode/decode) reaches 1.2e-7 and 1.7e-6. The
+residual blocks, another temporal pattern; one-pass encode) reaches 1.2e-7 and 1.7e-6. The
 streaming decoder equals the full decode to 4.9e-6 with chunks of 3 latent frames and exactly with
 chunks of 1 (tolerance 2e-5).
 """
@@ -163,17 +163,10 @@ def test_decode_matches_diffusers(reference, latents):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 4, 1, 2, 3), want, atol=ATOL, rtol=RTOL)
 
 
-def test_encode_in_longer_steps_with_a_remainder(reference, video):
-  _, _, module, params = reference
-  enc = jax.jit(lambda p, v: module.apply({"params": p}, v, 2, method="encode"))
-  z = _encode(module, params, jnp.asarray(video))  # one latent frame per step, as the reference
-  # 12 frames after the first: one scanned step of 8 frames, then a remainder of 4.
-  np.testing.assert_allclose(enc(params, video), z, atol=ENC_ATOL, rtol=0)
-
-
 def test_parity_with_channel_changes_and_another_temporal_pattern():
   """Shortcut convs in encoder and decoder, two residual blocks, uneven widths, temporal
-  downsampling in the first stage; in-memory conversion and one-pass encode/decode."""
+  downsampling in the first stage; in-memory conversion, one-pass encode, decode with a remainder
+  chunk."""
   torch.manual_seed(1)
   config = dict(base_dim=4, z_dim=6, dim_mult=[1, 2, 3, 2], num_res_blocks=2,
                 temperal_downsample=[True, False, True], latents_mean=[0.1] * 6,
@@ -194,7 +187,8 @@ def test_parity_with_channel_changes_and_another_temporal_pattern():
   want_z = (mu.numpy() - 0.1) / 0.7
   z = jax.jit(lambda p, v: module.apply({"params": p}, v, None, method="encode"))(params, video)
   np.testing.assert_allclose(np.asarray(z).transpose(0, 4, 1, 2, 3), want_z, atol=ENC_ATOL, rtol=0)
-  y = jax.jit(lambda p, x: module.apply({"params": p}, x, None, method="decode"))(params, z)
+  # Two latent frames in steps of 2: the first frame, then a remainder of 1 (no scan).
+  y = jax.jit(lambda p, x: module.apply({"params": p}, x, 2, method="decode"))(params, z)
   np.testing.assert_allclose(np.asarray(y).transpose(0, 4, 1, 2, 3), want_video, atol=ATOL,
                              rtol=RTOL)
 
