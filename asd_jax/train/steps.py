@@ -1,0 +1,209 @@
+"""Pure generator, critic, discriminator and ODE-regression steps: `state, metrics = step(state, batch)`.
+
+`make_steps(...)` closes over the modules, the frozen teacher and the static settings and returns
+plain functions of (state, batch[, index]) to jit once (with shardings and donation) in the loop.
+Randomness: the step's key is fold_in(state.rng, state.step), then fold_in(key, tag) per phase
+(generator 0, critic 1 + j, discriminator 1000 + j), so a resumed run draws the same numbers.
+A non-finite loss or gradient skips that update (the state keeps its old values bit for bit), counts
+it in `state.skipped`, and reports `nonfinite` = 1 in the metrics.
+
+batch: {'context': [B, L, D], 'neg_context': [B, L, D]} for distillation;
+       {'noisy': [B, K, F, H, W, C], 'clean': [B, F, H, W, C], 'context': [B, L, D]} for ODE init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from asd_jax.distill import losses
+from asd_jax.distill.rollout import rollout
+from asd_jax.models import disc
+from asd_jax.train.state import TrainState, all_finite, apply_if, ema_update, global_norm
+
+Array = jax.Array
+
+GEN_TAG, CRITIC_TAG, DISC_TAG = 0, 1, 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of the steps (from the run config)."""
+  timesteps: tuple[float, ...]  # the warped training schedule, N entries
+  latent_shape: tuple[int, int, int, int]  # F, H, W, C
+  chunk_frames: int = 3
+  alpha: float = 0.01  # weight of the ASD loss (0: the Self Forcing baseline)
+  guidance: float = 3.0  # DMD real-score CFG: x0_c + g (x0_c - x0_u)
+  shift: float = 5.0
+  t_min: float = 20.0
+  t_max: float = 980.0
+  r_lambda: float = 600.0
+  r_sigma: float = 0.05
+  ema_decay: float = 0.99
+  ema_start: int = 200
+
+
+def _key(state: TrainState, tag: int) -> Array:
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), tag)
+
+
+def _update(tx, grads, opt_state, params):
+  updates, new_opt = tx.update(grads, opt_state, params)
+  return jax.tree_util.tree_map(lambda p, u: p + u, params, updates), new_opt
+
+
+def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any,
+               heads: disc.DiscHeads | None, gen_tx, critic_tx, heads_tx,
+               cfg: StepConfig) -> dict[str, Callable]:
+  """The step functions of a distillation run (DMD, with ASD when alpha > 0 and heads given)."""
+  N = len(cfg.timesteps)
+  noise_shape = cfg.latent_shape
+  loss_kw = dict(shift=cfg.shift, t_min=cfg.t_min, t_max=cfg.t_max)
+  use_asd = cfg.alpha > 0 and heads is not None
+
+  def draw(params, context, key, exit_index):
+    k_noise, k_roll = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (context.shape[0],) + noise_shape)
+    return rollout(generator, params, context, noise, timesteps=cfg.timesteps,
+                   exit_index=exit_index, rng=k_roll, chunk_frames=cfg.chunk_frames)
+
+  def disc_fn(critic_params, heads_params, context):
+    def fn(x_t, t):
+      reps = x_t.shape[0] // context.shape[0]
+      return disc.discriminator_logits(critic, jax.lax.stop_gradient(critic_params), heads,
+                                       heads_params, x_t, t, jnp.concatenate([context] * reps))
+    return fn
+
+  def generator_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    key = _key(state, GEN_TAG)
+    k_exit, k_roll, k_dmd, k_n1, k_asd = jax.random.split(key, 5)
+    exit_index = jax.random.randint(k_exit, (), 0, N)
+    ctx, neg = batch["context"], batch["neg_context"]
+
+    def loss_fn(params):
+      x = draw(params, ctx, k_roll, exit_index)
+      dmd, metrics = losses.dmd_loss(x, ctx, neg, teacher=teacher, teacher_params=teacher_params,
+                                     critic=critic, critic_params=state.critic, rng=k_dmd,
+                                     guidance=cfg.guidance, **loss_kw)
+      total = dmd
+      if use_asd:
+        # n = exit + 1 steps against n + 1 (independent noise, no gradient); the last step has no
+        # (n + 1)-step partner, so its ASD term is dropped.
+        n = exit_index + 1
+        x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_n1, jnp.minimum(n, N - 1)))
+        asd, m_asd = losses.asd_generator_loss(disc_fn(state.critic, state.heads, ctx), x,
+                                               x_n1, jnp.minimum(n, N - 1), k_asd, **loss_kw)
+        active = (n < N).astype(jnp.float32)
+        total = total + cfg.alpha * active * asd
+        metrics = {**metrics, **m_asd, "asd_active": active}
+      metrics["latent_mean"] = jnp.mean(x)
+      metrics["latent_std"] = jnp.std(x)
+      return total, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
+    new_params, new_opt = _update(gen_tx, grads, state.gen_opt, state.generator)
+    ok = all_finite(loss, grads)
+    new_params = apply_if(ok, new_params, state.generator)
+    new_opt = apply_if(ok, new_opt, state.gen_opt)
+    ema = ema_update(state.generator_ema, new_params, cfg.ema_decay, state.step >= cfg.ema_start)
+    ema = apply_if(ok, ema, state.generator_ema)
+    state = state.replace(generator=new_params, gen_opt=new_opt, generator_ema=ema,
+                          step=state.step + 1, skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics.update(generator_loss=loss, generator_grad_norm=global_norm(grads),
+                   exit_index=exit_index, nonfinite=(~ok).astype(jnp.float32))
+    return state, metrics
+
+  def critic_step(state: TrainState, batch: dict, index: Array) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(_key(state, CRITIC_TAG), index)
+    k_exit, k_roll, k_loss = jax.random.split(key, 3)
+    exit_index = jax.random.randint(k_exit, (), 0, N)
+    x = jax.lax.stop_gradient(draw(state.generator, batch["context"], k_roll, exit_index))
+
+    def loss_fn(params):
+      return losses.critic_loss(x, batch["context"], critic=critic, critic_params=params,
+                                rng=k_loss, **loss_kw)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+    new_params, new_opt = _update(critic_tx, grads, state.critic_opt, state.critic)
+    ok = all_finite(loss, grads)
+    state = state.replace(critic=apply_if(ok, new_params, state.critic),
+                          critic_opt=apply_if(ok, new_opt, state.critic_opt),
+                          skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics.update(critic_grad_norm=global_norm(grads), nonfinite=(~ok).astype(jnp.float32))
+    return state, metrics
+
+  def disc_step(state: TrainState, batch: dict, index: Array) -> tuple[TrainState, dict]:
+    if heads is None:
+      raise ValueError("disc_step needs discriminator heads (an ASD config).")
+    key = jax.random.fold_in(_key(state, DISC_TAG), index)
+    k_n, k_a, k_b, k_loss = jax.random.split(key, 4)
+    n = jax.random.randint(k_n, (), 1, N)  # D_n for n = 1..N-1
+    ctx = batch["context"]
+    x_n = jax.lax.stop_gradient(draw(state.generator, ctx, k_a, n - 1))
+    x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_b, n))
+
+    def loss_fn(heads_params):
+      return losses.asd_discriminator_loss(disc_fn(state.critic, heads_params, ctx), x_n, x_n1, n,
+                                           k_loss, r_lambda=cfg.r_lambda, r_sigma=cfg.r_sigma,
+                                           **loss_kw)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.heads)
+    new_params, new_opt = _update(heads_tx, grads, state.heads_opt, state.heads)
+    ok = all_finite(loss, grads)
+    state = state.replace(heads=apply_if(ok, new_params, state.heads),
+                          heads_opt=apply_if(ok, new_opt, state.heads_opt),
+                          skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics.update(disc_grad_norm=global_norm(grads), disc_n=n,
+                   nonfinite=(~ok).astype(jnp.float32))
+    return state, metrics
+
+  return {"generator": generator_step, "critic": critic_step, "disc": disc_step}
+
+
+def make_ode_step(*, student: Any, tx, chunk_frames: int = 3) -> Callable:
+  """ODE-initialisation step: block-causal regression of the student onto teacher ODE end points.
+
+  Uses `state.generator` / `state.gen_opt` (critic and heads are untouched); the EMA slot holds a
+  copy of the generator (ODE initialisation keeps no average).
+  """
+
+  def ode_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    key = _key(state, GEN_TAG)
+
+    def loss_fn(params):
+      return losses.ode_regression_loss(student, params, batch["noisy"], batch["clean"],
+                                        batch["timesteps"], batch["context"], key,
+                                        chunk_frames=chunk_frames)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
+    new_params, new_opt = _update(tx, grads, state.gen_opt, state.generator)
+    ok = all_finite(loss, grads)
+    new_params = apply_if(ok, new_params, state.generator)
+    state = state.replace(generator=new_params, generator_ema=new_params,
+                          gen_opt=apply_if(ok, new_opt, state.gen_opt), step=state.step + 1,
+                          skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics.update(generator_grad_norm=global_norm(grads), nonfinite=(~ok).astype(jnp.float32))
+    return state, metrics
+
+  return ode_step
+
+
+def run_cycle(steps: dict[str, Callable], state: TrainState, batches: dict[str, Any],
+              ratio: tuple[int, int, int]) -> tuple[TrainState, dict]:
+  """One update-ratio cycle: generator x ratio[0], critic x ratio[1], discriminator x ratio[2].
+
+  `steps` are the (jitted) functions of `make_steps`; batches['generator'|'critic'|'disc'] are
+  lists of batches, one per update of that network. Returns the state and the last metrics of each.
+  """
+  metrics = {}
+  for name, count in zip(("generator", "critic", "disc"), ratio):
+    for j in range(count):
+      if name == "generator":
+        state, m = steps[name](state, batches[name][j])
+      else:
+        state, m = steps[name](state, batches[name][j], jnp.int32(j))
+      metrics.update({k if k.startswith(name) else f"{name}/{k}": v for k, v in m.items()})
+  return state, metrics
