@@ -8,7 +8,8 @@ A non-finite loss or gradient skips that update (the state keeps its old values 
 it in `state.skipped`, and reports `nonfinite` = 1 in the metrics.
 
 batch: {'context': [B, L, D], 'neg_context': [B, L, D]} for distillation;
-       {'noisy': [B, K, F, H, W, C], 'clean': [B, F, H, W, C], 'context': [B, L, D]} for ODE init.
+       {'noisy': [B, K, F, H, W, C], 'clean': [B, F, H, W, C], 'context': [B, L, D]} for ODE init
+       (the K stored timesteps are the static training schedule).
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
   return {"generator": generator_step, "critic": critic_step, "disc": disc_step}
 
 
-def make_ode_step(*, student: Any, tx, chunk_frames: int = 3) -> Callable:
+def make_ode_step(*, student: Any, tx, timesteps: tuple[float, ...],
+                  chunk_frames: int = 3) -> Callable:
   """ODE-initialisation step: block-causal regression of the student onto teacher ODE end points.
 
   Uses `state.generator` / `state.gen_opt` (critic and heads are untouched); the EMA slot holds a
@@ -175,8 +177,8 @@ def make_ode_step(*, student: Any, tx, chunk_frames: int = 3) -> Callable:
 
     def loss_fn(params):
       return losses.ode_regression_loss(student, params, batch["noisy"], batch["clean"],
-                                        batch["timesteps"], batch["context"], key,
-                                        chunk_frames=chunk_frames)
+                                        jnp.asarray(timesteps, jnp.float32), batch["context"],
+                                        key, chunk_frames=chunk_frames)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
     new_params, new_opt = _update(tx, grads, state.gen_opt, state.generator)

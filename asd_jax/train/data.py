@@ -1,0 +1,94 @@
+"""Batches for the training loop, drawn as a pure function of (seed, sub-step, process).
+
+`make_source(config, ...)` returns `source(substep) -> dict of numpy arrays` holding this process's
+rows of the global batch. With `data.prompts` (a dataset of `python -m asd_jax.data.build`) the
+contexts are real umT5 embeddings; without it a fixed table of `data.synthetic_prompts` random
+"prompt" embeddings stands in (tiny configs, tests). ODE initialisation reads `data.ode_pairs`
+(`python -m asd_jax.data.ode_pairs`) or, without it, makes the pairs on the fly with the teacher.
+No iterator state exists: a resumed run draws exactly the batches it would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from asd_jax.data.prompts import PromptDataset, batch_indices
+
+
+class SyntheticPrompts:
+  """K fixed random embeddings [K, text_len, dim] (zero past a random length) and a negative one."""
+
+  def __init__(self, num: int, text_len: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    self.context = rng.standard_normal((num, text_len, dim)).astype(np.float32)
+    lengths = rng.integers(1, text_len + 1, num)
+    for i, n in enumerate(lengths):
+      self.context[i, n:] = 0.0
+    self.negative_context = rng.standard_normal((text_len, dim)).astype(np.float32)
+
+  def __len__(self) -> int:
+    return len(self.context)
+
+  def get_batch(self, indices) -> dict[str, np.ndarray]:
+    return {"context": self.context[np.asarray(indices)]}
+
+
+def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_params: Any,
+                timesteps: tuple[float, ...], latent: tuple[int, int, int, int]
+                ) -> Callable[[int], dict[str, np.ndarray]]:
+  c = config
+  per_process = c.batch_size // jax.process_count()
+  if per_process * jax.process_count() != c.batch_size:
+    raise ValueError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} "
+                     f"processes.")
+  if c.data.prompts:
+    prompts = PromptDataset(c.data.prompts)
+  else:
+    prompts = SyntheticPrompts(c.data.synthetic_prompts, c.data.text_len,
+                               c.models.teacher.get("text_dim") or 4096, c.seed)
+
+  def indices(n: int, substep: int) -> np.ndarray:
+    return batch_indices(n, seed=c.seed, step=substep, process_index=jax.process_index(),
+                         process_count=jax.process_count(), per_process_batch=per_process)
+
+  neg = np.asarray(prompts.negative_context, np.float32)
+
+  if c.stage != "ode_init":
+    def distill_source(substep: int) -> dict[str, np.ndarray]:
+      batch = prompts.get_batch(indices(len(prompts), substep))
+      ctx = np.asarray(batch["context"], np.float32)
+      return {"context": ctx, "neg_context": np.broadcast_to(neg[None], ctx.shape).copy()}
+    return distill_source
+
+  if c.data.ode_pairs:
+    from asd_jax.data.ode_pairs import OdePairDataset  # pylint: disable=g-import-not-at-top
+    pairs = OdePairDataset(c.data.ode_pairs).with_context(prompts)
+    stored = np.asarray(pairs.pairs.timesteps, np.float64)
+    if not np.allclose(stored, timesteps, atol=1e-3):
+      raise ValueError(f"{c.data.ode_pairs} holds timesteps {stored.tolist()}, the config trains "
+                       f"on {list(timesteps)}.")
+
+    def pair_source(substep: int) -> dict[str, np.ndarray]:
+      b = pairs.get_batch(indices(len(pairs), substep))
+      return {k: np.asarray(b[k], np.float32) for k in ("noisy", "clean", "context")}
+    return pair_source
+
+  from asd_jax.data import ode_pairs  # pylint: disable=g-import-not-at-top
+  grid = ode_pairs.ode_timesteps(c.ode.steps, c.shift, c.timesteps)
+  make = jax.jit(lambda p, idx, ctx, neg_ctx: ode_pairs.generate_pairs(
+      teacher, p, idx, ctx, neg_ctx, seed=c.seed, latent_shape=latent, timesteps=grid,
+      guidance_scale=c.ode.guidance))
+
+  def on_the_fly(substep: int) -> dict[str, np.ndarray]:
+    idx = indices(len(prompts), substep)
+    ctx = prompts.get_batch(idx)["context"]
+    negs = np.broadcast_to(neg[None], ctx.shape)
+    example = jnp.asarray(substep * c.batch_size + np.arange(len(idx)), jnp.int32)
+    noisy, clean = make(teacher_params, example, jnp.asarray(ctx), jnp.asarray(negs))
+    return {"noisy": np.asarray(noisy), "clean": np.asarray(clean), "context": ctx}
+  return on_the_fly

@@ -1,0 +1,265 @@
+"""The training job: config -> models, data, sharded state -> jitted steps in a resumable loop.
+
+`train(config, workdir)` runs one stage (`ode_init`, `dmd` or `asd`, see configs/). Everything is
+checked before anything compiles; the state is created (or restored) directly in its shards; the
+steps are jitted once with in/out shardings and state donation; checkpoints are written every
+`checkpoint.every` steps, on SIGTERM and at the end; the EMA generator is exported to
+`workdir/export` in the layout `asd_jax.pretrained.load` and `python -m asd_jax.sample` read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from asd_jax.diffusion import validate_timesteps, warp_timesteps
+from asd_jax.models import disc, wan
+from asd_jax.train import sharding as shd
+from asd_jax.train.checkpoint import Checkpointer
+from asd_jax.train.data import make_source
+from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
+from asd_jax.train.state import TrainState, init_state, make_optimizer
+from asd_jax.train.steps import StepConfig, make_ode_step, make_steps
+
+STAGES = ("ode_init", "dmd", "asd")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects a config that cannot work, with the reason, before anything is built."""
+  c = config
+  if c.stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {c.stage!r}.")
+  F, H, W = c.latent.frames, c.latent.height, c.latent.width
+  if F % c.chunk_frames:
+    raise ValueError(f"latent.frames {F} is not a multiple of chunk_frames {c.chunk_frames}.")
+  if H % 2 or W % 2:
+    raise ValueError(f"latent height/width {H}x{W} must be even (the DiT's 2x2 patches).")
+  validate_timesteps(c.timesteps, "timesteps")
+  ratio = tuple(c.update_ratio)
+  if len(ratio) != 3 or any(int(r) < 0 for r in ratio) or ratio[0] < 1:
+    raise ValueError(f"update_ratio must be (generator >= 1, critic >= 0, discriminator >= 0), "
+                     f"got {ratio}.")
+  if c.stage == "asd" and ratio[2] < 1:
+    raise ValueError("stage 'asd' needs discriminator updates: update_ratio[2] >= 1.")
+  if c.stage != "asd" and c.asd.alpha:
+    raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
+  if c.asd.alpha < 0:
+    raise ValueError(f"asd.alpha must be >= 0, got {c.asd.alpha}.")
+  if c.stage == "asd":
+    layers = c.models.critic.num_layers if c.models.critic.get("num_layers") else None
+    for tap in c.asd.taps:
+      if layers is not None and not 0 <= tap < layers:
+        raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
+                         f"{layers}.")
+  if c.batch_size < 1 or c.total_steps < 1:
+    raise ValueError("batch_size and total_steps must be positive.")
+  for name in ("student", "teacher", "critic"):
+    path = c.init.get(name)
+    if path and not Path(path).is_dir():
+      raise FileNotFoundError(f"init.{name} = {path} is not a directory (a converted model).")
+
+
+def _wan_config(spec: ml_collections.ConfigDict, dtype: str, remat: str) -> wan.WanConfig:
+  spec = dict(spec)
+  preset = spec.pop("preset")
+  return wan.WanConfig.preset(preset, dtype=dtype, remat_policy=remat, **spec)
+
+
+def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
+  """Params of a converted directory (read straight into shards) or a random init (sharded)."""
+  logical = wan.logical_axes(cfg)
+  if path:
+    from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
+    abstract = wan.abstract_params(cfg)
+    shardings = shd.logical_to_shardings(logical, mesh, rules, abstract)
+    module, params = pretrained.load(path, shardings=shardings, dtype=cfg.dtype,
+                                     remat_policy=cfg.remat_policy)
+    if any(getattr(module.config, f) != getattr(cfg, f) for f in wan.WanConfig.ARCH_FIELDS):
+      raise ValueError(f"{path} holds a {module.config.dim}-wide, {module.config.num_layers}-"
+                       f"layer model; the config asks for {cfg.dim} and {cfg.num_layers}.")
+    return params
+  return shd.shard_init(lambda k: wan.init_params(cfg, k), mesh, logical, rules, args=(key,))
+
+
+def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: dict) -> Path:
+  """Writes params as a converted Wan directory (config.json + params/), atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out = Path(out).absolute()
+  tmp = out.with_name(out.name + ".tmp")
+  if jax.process_index() == 0 and tmp.exists():
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp / "params", params)
+    ckpt.wait_until_finished()
+  if jax.process_index() == 0:
+    arch = cfg.replace(dtype="float32", remat_policy="none").to_dict()
+    (tmp / "config.json").write_text(json.dumps({"kind": "wan", "config": arch,
+                                                 "source": source}, indent=2))
+    if out.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(out)
+    tmp.rename(out)
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+  """Runs the configured stage in `workdir` (resuming from its latest checkpoint)."""
+  validate(config)
+  c = config
+  workdir = Path(workdir)
+  shd.initialize_distributed()
+  mesh = shd.make_mesh(tuple(c.mesh_shape))
+  rules = shd.DEFAULT_RULES
+  key = jax.random.key(c.seed)
+  k_gen, k_critic, k_teacher, k_heads, k_run = jax.random.split(key, 5)
+
+  student_cfg = _wan_config(c.models.student, c.dtype, c.remat)
+  timesteps = warp_timesteps(c.timesteps, c.shift)
+  latent = (c.latent.frames, c.latent.height, c.latent.width, student_cfg.in_channels)
+  gen_tx = make_optimizer(c.optim.gen_lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                          weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm)
+  critic_tx = make_optimizer(c.optim.critic_lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                             weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm)
+  heads_tx = make_optimizer(c.optim.heads_lr or c.optim.critic_lr, b1=c.optim.b1, b2=c.optim.b2,
+                            eps=c.optim.eps, weight_decay=c.optim.weight_decay,
+                            clip_norm=c.optim.clip_norm)
+
+  with jax.set_mesh(mesh):
+    generator = _params_or_init(c.init.student, student_cfg, k_gen, mesh, rules)
+    distill = c.stage != "ode_init"
+    teacher_cfg = _wan_config(c.models.teacher, c.dtype, c.remat)
+    teacher_params = _params_or_init(c.init.teacher, teacher_cfg, k_teacher, mesh, rules)
+    critic_cfg = _wan_config(c.models.critic, c.dtype, c.remat) if distill else student_cfg
+    critic_params = (_params_or_init(c.init.critic or c.init.teacher, critic_cfg, k_critic, mesh,
+                                     rules) if distill else {})
+    heads_cfg = disc.DiscConfig(dim=critic_cfg.dim, taps=tuple(c.asd.taps),
+                                num_queries=c.asd.num_queries, num_heads=critic_cfg.num_heads,
+                                mlp_dim=c.asd.mlp_dim, num_logits=len(timesteps) - 1)
+    use_heads = c.stage == "asd"
+    heads_params = (shd.shard_init(lambda k: disc.init_heads(heads_cfg, k), mesh,
+                                   _heads_logical(heads_cfg), rules, args=(k_heads,))
+                    if use_heads else {})
+
+    def make_state(rng):
+      return init_state(generator, critic_params, heads_params, gen_tx=gen_tx,
+                        critic_tx=critic_tx, heads_tx=heads_tx, rng=rng)
+
+    abstract = jax.eval_shape(make_state, k_run)
+    state_logical = _state_logical(abstract, gen_tx, critic_tx, heads_tx,
+                                   wan.logical_axes(student_cfg),
+                                   wan.logical_axes(critic_cfg) if distill else {},
+                                   _heads_logical(heads_cfg) if use_heads else {})
+    state_shardings = shd.logical_to_shardings(state_logical, mesh, rules, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_shardings)
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_interval_steps=c.checkpoint.every,
+                        max_to_keep=c.checkpoint.keep)
+    start = ckpt.latest_step()
+    guard = NonFiniteGuard(c.max_nonfinite)
+    if start is None:
+      state = jax.jit(make_state, out_shardings=state_shardings)(k_run)
+      start = 0
+    else:
+      state, meta = ckpt.restore(abstract)
+      guard.load_state(meta.get("guard", {}))
+    del generator, critic_params, heads_params  # the state holds (or replaced) them
+
+    student = wan.WanModel(student_cfg)
+    if distill:
+      steps = make_steps(
+          generator=student, critic=wan.WanModel(critic_cfg), teacher=wan.WanModel(teacher_cfg),
+          teacher_params=teacher_params, heads=disc.DiscHeads(heads_cfg) if use_heads else None,
+          gen_tx=gen_tx, critic_tx=critic_tx, heads_tx=heads_tx,
+          cfg=StepConfig(timesteps=timesteps, latent_shape=latent, chunk_frames=c.chunk_frames,
+                         alpha=c.asd.alpha, guidance=c.dmd.guidance, shift=c.shift,
+                         t_min=c.dmd.t_min, t_max=c.dmd.t_max, r_lambda=c.asd.r_lambda,
+                         r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start))
+    else:
+      steps = {"generator": make_ode_step(student=student, tx=gen_tx, timesteps=timesteps,
+                                          chunk_frames=c.chunk_frames)}
+    source = make_source(c, teacher=wan.WanModel(teacher_cfg), teacher_params=teacher_params,
+                         timesteps=timesteps, latent=latent)
+    batch_shard = shd.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    jitted = {}
+    for name, fn in steps.items():
+      extra = () if name == "generator" else (replicated,)
+      jitted[name] = jax.jit(fn, in_shardings=(state_shardings, batch_shard) + extra,
+                             out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    ratio = tuple(int(r) for r in c.update_ratio) if distill else (1, 0, 0)
+    per_cycle = sum(ratio)
+    writer = MetricsWriter(workdir, total_steps=c.total_steps, start_step=start,
+                           progress=c.progress)
+    step = start
+    try:
+      while step < c.total_steps:
+        t0 = time.perf_counter()
+        metrics = {}
+        sub = 0
+        for name, count in zip(("generator", "critic", "disc"), ratio):
+          for j in range(count):
+            batch = shd.global_batch(source(step * per_cycle + sub), mesh, rules)
+            sub += 1
+            if name == "generator":
+              state, m = jitted[name](state, batch)
+            else:
+              state, m = jitted[name](state, batch, jnp.int32(j))
+            metrics.update({k if k.startswith(name) else f"{name}/{k}": v for k, v in m.items()})
+        step += 1
+        finite = not any(float(v) for k, v in metrics.items() if k.endswith("nonfinite"))
+        seconds = time.perf_counter() - t0
+        metrics["perf/cycle_seconds"] = seconds
+        metrics["perf/samples_per_s"] = c.batch_size * per_cycle / seconds
+        metrics["skipped_total"] = state.skipped
+        guard.update(step, metrics, finite=finite)
+        if step % c.log_every == 0 or step == c.total_steps:
+          writer.write(step, metrics)
+        stop = ckpt.should_stop()
+        if ckpt.should_save(step) or step == c.total_steps or stop:
+          ckpt.save(step, state, {"guard": guard.state(), "config": c.to_dict()}, force=True)
+        if stop:
+          break
+      ckpt.wait_until_finished()
+    finally:
+      writer.close()
+      ckpt.close()
+    if step >= c.total_steps and c.export:
+      export_generator(state.generator_ema, student_cfg, workdir / "export",
+                       {"stage": c.stage, "step": int(step), "workdir": str(workdir)})
+  return state
+
+
+def _heads_logical(cfg: disc.DiscConfig) -> Any:
+  boxed = jax.eval_shape(lambda: disc.DiscHeads(cfg).init(
+      jax.random.key(0), jnp.zeros((len(cfg.taps), 1, 2, cfg.dim))))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def _state_logical(abstract: TrainState, gen_tx, critic_tx, heads_tx, gen_logical,
+                   critic_logical, heads_logical) -> TrainState:
+  return TrainState(
+      step=P(), generator=gen_logical, generator_ema=gen_logical, critic=critic_logical,
+      heads=heads_logical,
+      gen_opt=shd.opt_state_logical(gen_tx, abstract.gen_opt, gen_logical),
+      critic_opt=shd.opt_state_logical(critic_tx, abstract.critic_opt, critic_logical),
+      heads_opt=shd.opt_state_logical(heads_tx, abstract.heads_opt, heads_logical),
+      rng=P(), skipped=P())
+
+
+def load_state_numpy(state: TrainState) -> Any:
+  """The state on the host as numpy arrays (tests, debugging)."""
+  return jax.tree.map(lambda a: np.asarray(jax.random.key_data(a) if jnp.issubdtype(
+      a.dtype, jax.dtypes.prng_key) else a), state)
