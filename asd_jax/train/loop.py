@@ -55,12 +55,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
   if c.asd.alpha < 0:
     raise ValueError(f"asd.alpha must be >= 0, got {c.asd.alpha}.")
+  models = {name: _wan_config(c.models[name], c.dtype, c.remat)
+            for name in ("student", "teacher", "critic")}
   if c.stage == "asd":
-    layers = c.models.critic.num_layers if c.models.critic.get("num_layers") else None
-    for tap in c.asd.taps:
-      if layers is not None and not 0 <= tap < layers:
-        raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
-                         f"{layers}.")
+    layers = models["critic"].num_layers
+    if any(not 0 <= tap < layers for tap in c.asd.taps):
+      raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
+                       f"{layers}.")
+  if models["teacher"].text_dim != models["student"].text_dim:
+    raise ValueError("teacher and student must read the same text embeddings (text_dim).")
   if c.batch_size < 1 or c.total_steps < 1:
     raise ValueError("batch_size and total_steps must be positive.")
   for name in ("student", "teacher", "critic"):
@@ -201,7 +204,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
 
     ratio = tuple(int(r) for r in c.update_ratio) if distill else (1, 0, 0)
     per_cycle = sum(ratio)
-    writer = MetricsWriter(workdir, total_steps=c.total_steps, start_step=start,
+    # Records are numbered by the step they complete: this run writes from start + 1 on (any
+    # written after the checkpoint by a killed run are dropped).
+    writer = MetricsWriter(workdir, total_steps=c.total_steps, start_step=start + 1,
                            progress=c.progress)
     step = start
     try:
@@ -227,10 +232,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         guard.update(step, metrics, finite=finite)
         if step % c.log_every == 0 or step == c.total_steps:
           writer.write(step, metrics)
-        stop = ckpt.should_stop()
-        if ckpt.should_save(step) or step == c.total_steps or stop:
-          ckpt.save(step, state, {"guard": guard.state(), "config": c.to_dict()}, force=True)
-        if stop:
+        # Saves every `checkpoint.every` steps, at the end, and on a preemption notice.
+        ckpt.save(step, state, {"guard": guard.state(), "config": c.to_dict()},
+                  force=step == c.total_steps)
+        if ckpt.should_stop():
           break
       ckpt.wait_until_finished()
     finally:
