@@ -27,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from asd_jax.diffusion import few_step_schedule  # noqa: E402
+from asd_jax.models import vae as vae_lib  # noqa: E402
 from asd_jax.models import wan  # noqa: E402
 from asd_jax.sampling import generate  # noqa: E402
 
@@ -63,6 +63,7 @@ def main() -> None:
   ap.add_argument("--settings", default="4,2*,1*")
   ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU)")
   ap.add_argument("--text_len", type=int, default=512)
+  ap.add_argument("--vae", default="wan2.1", help="VAE preset for the streaming decode, or none")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args()
@@ -90,10 +91,26 @@ def main() -> None:
                  "latent_hw": [Hl, Wl], "pixel_hw": [Hl * 8, Wl * 8],
                  "pixel_frames": pixel_frames, "chunk_frames": k, "batch": B,
                  "training_timesteps": training},
-      "includes": "DiT denoising + refills (text K/V computed once per video, included); VAE "
-                  "decode not included",
+      "includes": "DiT denoising + refills (text K/V computed once per video, included); the "
+                  "*_with_vae figures add the streaming VAE decode of every chunk, run after "
+                  "the chunk's latents (no overlap)",
       "settings": {},
   }
+  decode = None  # replaced below when a VAE is timed
+  if args.vae != "none":
+    vcfg = vae_lib.VAEConfig.preset(args.vae, dtype=dtype)
+    vae = vae_lib.WanVAE(vcfg)
+    vparams = jax.jit(vae_lib.init_params, static_argnums=0)(vcfg, jax.random.key(3))
+    step = jax.jit(lambda p, s, z: vae.apply({"params": p}, s, z, method="decode_chunk"))
+
+    def decode(latents, chunks):  # noqa: F811
+      state = vae.init_decode_state(B, Hl, Wl)
+      out = None
+      for c in range(chunks):
+        out, state = step(vparams, state, latents[:, c * k:(c + 1) * k])
+      return out
+
+    result["config"]["vae"] = args.vae
   for setting in args.settings.split(","):
     first, later = schedules(setting, training)
     gen = jax.jit(lambda p, c, z, first=first, later=later: generate(
@@ -102,11 +119,19 @@ def main() -> None:
     video_s = median_time(lambda: gen(params, ctx, noise), args.warmup, args.repeats)
     latency_s = median_time(lambda: gen(params, ctx, noise[:, :k]), args.warmup, args.repeats)
     forwards = len(first) + (F // k - 1) * len(later) + (F // k - 1)
+    entry = {}
+    if decode is not None:
+      latents = gen(params, ctx, noise)
+      decode_all = median_time(lambda: decode(latents, F // k), args.warmup, args.repeats)
+      decode_first = median_time(lambda: decode(latents, 1), args.warmup, args.repeats)
+      entry = {"vae_decode_seconds": decode_all,
+               "fps_with_vae": pixel_frames / (video_s + decode_all),
+               "first_chunk_latency_with_vae_seconds": latency_s + decode_first}
     result["settings"][setting] = {
         "first_chunk_steps": len(first), "later_chunk_steps": len(later),
         "dit_forwards": forwards, "video_seconds": video_s, "fps": pixel_frames / video_s,
         "first_chunk_latency_seconds": latency_s,
-        "first_chunk_pixel_frames": first_chunk_pixels,
+        "first_chunk_pixel_frames": first_chunk_pixels, **entry,
     }
     print(json.dumps({setting: result["settings"][setting]}), file=sys.stderr)
   print(json.dumps(result, indent=1))
