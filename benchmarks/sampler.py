@@ -42,6 +42,23 @@ def schedules(setting: str, training: tuple[float, ...]) -> tuple[tuple, tuple]:
   return sched, sched
 
 
+def make_decoder(preset: str, dtype: str, batch: int, height: int, width: int, k: int):
+  """decode(latents, chunks): streaming VAE decode (random weights) of the first `chunks` chunks."""
+  vcfg = vae_lib.VAEConfig.preset(preset, dtype=dtype)
+  vae = vae_lib.WanVAE(vcfg)
+  vparams = jax.jit(vae_lib.init_params, static_argnums=0)(vcfg, jax.random.key(3))
+  step = jax.jit(lambda p, s, z: vae.apply({"params": p}, s, z, method="decode_chunk"))
+
+  def decode(latents, chunks):
+    state = vae.init_decode_state(batch, height, width)
+    out = None
+    for c in range(chunks):
+      out, state = step(vparams, state, latents[:, c * k:(c + 1) * k])
+    return out
+
+  return decode
+
+
 def median_time(fn, warmup: int, repeats: int) -> float:
   for _ in range(warmup):
     jax.block_until_ready(fn())
@@ -96,20 +113,8 @@ def main() -> None:
                   "the chunk's latents (no overlap)",
       "settings": {},
   }
-  decode = None  # replaced below when a VAE is timed
-  if args.vae != "none":
-    vcfg = vae_lib.VAEConfig.preset(args.vae, dtype=dtype)
-    vae = vae_lib.WanVAE(vcfg)
-    vparams = jax.jit(vae_lib.init_params, static_argnums=0)(vcfg, jax.random.key(3))
-    step = jax.jit(lambda p, s, z: vae.apply({"params": p}, s, z, method="decode_chunk"))
-
-    def decode(latents, chunks):  # noqa: F811
-      state = vae.init_decode_state(B, Hl, Wl)
-      out = None
-      for c in range(chunks):
-        out, state = step(vparams, state, latents[:, c * k:(c + 1) * k])
-      return out
-
+  decode = make_decoder(args.vae, dtype, B, Hl, Wl, k) if args.vae != "none" else None
+  if decode is not None:
     result["config"]["vae"] = args.vae
   for setting in args.settings.split(","):
     first, later = schedules(setting, training)
