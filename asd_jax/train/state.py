@@ -61,7 +61,7 @@ def apply_if(ok: Array, new: Any, old: Any) -> Any:
 
 
 def global_norm(tree: Any) -> Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def ema_update(ema: Any, params: Any, decay: float, active: Array) -> Any:
