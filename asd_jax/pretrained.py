@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 
 from asd_jax.io import orbax_io
 from asd_jax.models import wan
@@ -61,28 +59,9 @@ def _model_config(meta: dict[str, Any], overrides: dict[str, Any]) -> wan.WanCon
 
 
 def _restore(directory: Path, cfg: wan.WanConfig, shardings: Any, dtype: Any) -> dict[str, Any]:
-  params_dir = directory / PARAMS_DIR
-  stored = orbax_io.tree_metadata(params_dir)
-  expected = orbax_io.flatten(wan.abstract_params(cfg))
-  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in stored]
-  problems += [f"{'/'.join(p)}: not part of the model" for p in stored if p not in expected]
-  problems += [f"{'/'.join(p)}: stored {list(stored[p].shape)}, the model needs "
-               f"{list(expected[p].shape)}" for p in expected
-               if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
-  if problems:
-    raise ValueError(f"{params_dir} does not fit WanConfig from config.json:\n  " +
-                     "\n  ".join(problems))
-  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-    sharding = shardings or orbax_io.default_sharding()
-    flat_shardings = {p: sharding for p in stored}
-  else:
-    flat_shardings = orbax_io.flatten(shardings)
-    absent = [p for p in stored if p not in flat_shardings]
-    if absent:
-      raise ValueError(f"shardings has no entry for {['/'.join(p) for p in absent][:10]}.")
-  target = {p: jax.ShapeDtypeStruct(m.shape, np.dtype(dtype) if dtype else m.dtype,
-                                    sharding=flat_shardings[p]) for p, m in stored.items()}
-  return orbax_io.restore(params_dir, orbax_io.unflatten(target))
+  return orbax_io.restore_checked(directory / PARAMS_DIR, wan.abstract_params(cfg),
+                                 shardings=shardings, dtype=dtype,
+                                 what="the WanConfig of config.json")
 
 
 def load_params(directory: str | os.PathLike, *, shardings: Any = None,

@@ -472,8 +472,6 @@ def load_converted(directory: str | os.PathLike, *, shardings: Any = None,
     **overrides: execution fields of UMT5Config (dtype, param_dtype, precision, scan_layers).
       `param_dtype` also casts the restored params; without it they keep the stored dtype.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-
   directory = Path(directory)
   meta, cfg = read_converted(directory)
   changed = [k for k in umt5.UMT5Config.ARCH_FIELDS
@@ -482,28 +480,10 @@ def load_converted(directory: str | os.PathLike, *, shardings: Any = None,
     raise ValueError(f"cannot override architecture fields {changed} at load time: the params were "
                      f"made for {[(k, getattr(cfg, k)) for k in changed]}.")
   cfg = umt5.UMT5Config.from_dict({**meta["config"], **overrides})
-  params_dir = directory / PARAMS_DIR
-  stored = orbax_io.tree_metadata(params_dir)
-  expected = orbax_io.flatten(umt5.abstract_params(cfg))
-  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in stored]
-  problems += [f"{'/'.join(p)}: not part of the model" for p in stored if p not in expected]
-  problems += [f"{'/'.join(p)}: stored {list(stored[p].shape)}, the model needs "
-               f"{list(expected[p].shape)}" for p in expected
-               if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
-  if problems:
-    raise ValueError(f"{params_dir} does not fit the UMT5Config of its config.json:\n  " +
-                     "\n  ".join(problems))
-  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-    flat_shardings = {p: shardings or orbax_io.default_sharding() for p in stored}
-  else:
-    flat_shardings = orbax_io.flatten(shardings)
-    absent = [p for p in stored if p not in flat_shardings]
-    if absent:
-      raise ValueError(f"shardings has no entry for {['/'.join(p) for p in absent][:10]}.")
-  cast = np.dtype(overrides["param_dtype"]) if "param_dtype" in overrides else None
-  target = {p: jax.ShapeDtypeStruct(m.shape, cast or m.dtype, sharding=flat_shardings[p])
-            for p, m in stored.items()}
-  return umt5.UMT5Encoder(cfg), orbax_io.restore(params_dir, orbax_io.unflatten(target))
+  params = orbax_io.restore_checked(directory / PARAMS_DIR, umt5.abstract_params(cfg),
+                                    shardings=shardings, dtype=overrides.get("param_dtype"),
+                                    what="the UMT5Config of its config.json")
+  return umt5.UMT5Encoder(cfg), params
 
 
 # ----------------------------------------------------------------------------------------------

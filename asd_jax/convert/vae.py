@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 
 from asd_jax.convert import common
@@ -494,28 +493,10 @@ def load_converted(directory: str | os.PathLike, *, shardings: Any = None,
                      f"{[(k, getattr(stored_cfg, k)) for k in changed]}. Override execution "
                      f"fields only (dtype, param_dtype, precision).")
   cfg = vae.VAEConfig.from_dict({**meta["config"], **overrides})
-  params_dir = directory / PARAMS_DIR
-  stored = orbax_io.tree_metadata(params_dir)
-  expected = orbax_io.flatten(vae.abstract_params(cfg))
-  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in stored]
-  problems += [f"{'/'.join(p)}: not part of the model" for p in stored if p not in expected]
-  problems += [f"{'/'.join(p)}: stored {list(stored[p].shape)}, the model needs "
-               f"{list(expected[p].shape)}" for p in expected
-               if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
-  if problems:
-    raise ValueError(f"{params_dir} does not fit the VAEConfig of config.json:\n  " +
-                     "\n  ".join(problems))
-  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-    flat_shardings = {p: shardings or orbax_io.default_sharding() for p in stored}
-  else:
-    flat_shardings = orbax_io.flatten(shardings)
-    absent = [p for p in stored if p not in flat_shardings]
-    if absent:
-      raise ValueError(f"shardings has no entry for {['/'.join(p) for p in absent][:10]}.")
-  cast = "param_dtype" in overrides
-  target = {p: jax.ShapeDtypeStruct(m.shape, np.dtype(cfg.param_dtype) if cast else m.dtype,
-                                    sharding=flat_shardings[p]) for p, m in stored.items()}
-  params = orbax_io.restore(params_dir, orbax_io.unflatten(target))
+  params = orbax_io.restore_checked(
+      directory / PARAMS_DIR, vae.abstract_params(cfg), shardings=shardings,
+      dtype=cfg.param_dtype if "param_dtype" in overrides else None,
+      what="the VAEConfig of config.json")
   return vae.WanVAE(cfg), params
 
 

@@ -160,5 +160,41 @@ def restore(directory: str | os.PathLike, target: Any) -> Any:
     return ckptr.restore(epath.Path(directory), target)
 
 
+def restore_checked(params_dir: str | os.PathLike, abstract: Any, *, shardings: Any = None,
+                    dtype: Any = None, what: str = "the model") -> Any:
+  """Restores a saved param tree after checking it against the model's abstract params.
+
+  Args:
+    params_dir: an Orbax PyTree checkpoint of the params.
+    abstract: the model's param tree of `jax.ShapeDtypeStruct`s (e.g. `abstract_params(cfg)`).
+    shardings: None (first local device), one Sharding for every leaf, or a tree of them shaped
+      like the params: each leaf is read straight into its shards.
+    dtype: cast every leaf on restore (default: the stored dtype).
+    what: names the model in the error message.
+
+  Raises:
+    ValueError listing every missing, unexpected and misshaped leaf.
+  """
+  stored = tree_metadata(params_dir)
+  expected = flatten(abstract)
+  problems = [f"{'/'.join(p)}: missing" for p in expected if p not in stored]
+  problems += [f"{'/'.join(p)}: not part of the model" for p in stored if p not in expected]
+  problems += [f"{'/'.join(p)}: stored {list(stored[p].shape)}, the model needs "
+               f"{list(expected[p].shape)}" for p in expected
+               if p in stored and tuple(stored[p].shape) != tuple(expected[p].shape)]
+  if problems:
+    raise ValueError(f"{params_dir} does not fit {what}:\n  " + "\n  ".join(problems))
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    flat_shardings = {p: shardings or default_sharding() for p in stored}
+  else:
+    flat_shardings = flatten(shardings)
+    absent = [p for p in stored if p not in flat_shardings]
+    if absent:
+      raise ValueError(f"shardings has no entry for {['/'.join(p) for p in absent][:10]}.")
+  target = {p: jax.ShapeDtypeStruct(m.shape, np.dtype(dtype) if dtype else m.dtype,
+                                    sharding=flat_shardings[p]) for p, m in stored.items()}
+  return restore(params_dir, unflatten(target))
+
+
 def default_sharding() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

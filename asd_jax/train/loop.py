@@ -139,26 +139,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
                             clip_norm=c.optim.clip_norm)
 
   with jax.set_mesh(mesh):
-    generator = _params_or_init(c.init.student, student_cfg, k_gen, mesh, rules)
     distill = c.stage != "ode_init"
+    use_heads = c.stage == "asd"
     teacher_cfg = _wan_config(c.models.teacher, c.dtype, c.remat)
-    teacher_params = _params_or_init(c.init.teacher, teacher_cfg, k_teacher, mesh, rules)
     critic_cfg = _wan_config(c.models.critic, c.dtype, c.remat) if distill else student_cfg
-    critic_params = (_params_or_init(c.init.critic or c.init.teacher, critic_cfg, k_critic, mesh,
-                                     rules) if distill else {})
     heads_cfg = disc.DiscConfig(dim=critic_cfg.dim, taps=tuple(c.asd.taps),
                                 num_queries=c.asd.num_queries, num_heads=critic_cfg.num_heads,
                                 mlp_dim=c.asd.mlp_dim, num_logits=len(timesteps) - 1)
-    use_heads = c.stage == "asd"
-    heads_params = (shd.shard_init(lambda k: disc.init_heads(heads_cfg, k), mesh,
-                                   _heads_logical(heads_cfg), rules, args=(k_heads,))
-                    if use_heads else {})
 
-    def make_state(rng):
-      return init_state(generator, critic_params, heads_params, gen_tx=gen_tx,
-                        critic_tx=critic_tx, heads_tx=heads_tx, rng=rng)
+    def make_state(rng, generator, critic, heads):
+      return init_state(generator, critic, heads, gen_tx=gen_tx, critic_tx=critic_tx,
+                        heads_tx=heads_tx, rng=rng)
 
-    abstract = jax.eval_shape(make_state, k_run)
+    abstract_nets = (wan.abstract_params(student_cfg),
+                     wan.abstract_params(critic_cfg) if distill else {},
+                     jax.eval_shape(lambda: disc.init_heads(heads_cfg, k_heads))
+                     if use_heads else {})
+    abstract = jax.eval_shape(make_state, k_run, *abstract_nets)
     state_logical = _state_logical(abstract, gen_tx, critic_tx, heads_tx,
                                    wan.logical_axes(student_cfg),
                                    wan.logical_axes(critic_cfg) if distill else {},
@@ -171,13 +168,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
                         max_to_keep=c.checkpoint.keep)
     start = ckpt.latest_step()
     guard = NonFiniteGuard(c.max_nonfinite)
-    if start is None:
-      state = jax.jit(make_state, out_shardings=state_shardings)(k_run)
+    if start is None:  # a fresh run: weights read (or drawn) straight into their shards
+      generator = _params_or_init(c.init.student, student_cfg, k_gen, mesh, rules)
+      critic_params = (_params_or_init(c.init.critic or c.init.teacher, critic_cfg, k_critic,
+                                       mesh, rules) if distill else {})
+      heads_params = (shd.shard_init(lambda k: disc.init_heads(heads_cfg, k), mesh,
+                                     _heads_logical(heads_cfg), rules, args=(k_heads,))
+                      if use_heads else {})
+      state = jax.jit(make_state, out_shardings=state_shardings)(k_run, generator, critic_params,
+                                                                 heads_params)
+      del generator, critic_params, heads_params  # the state holds copies
       start = 0
-    else:
+    else:  # resuming: the checkpoint has every trained network, no weights are read
       state, meta = ckpt.restore(abstract)
       guard.load_state(meta.get("guard", {}))
-    del generator, critic_params, heads_params  # the state holds (or replaced) them
+    teacher_params = _params_or_init(c.init.teacher, teacher_cfg, k_teacher, mesh, rules)
 
     student = wan.WanModel(student_cfg)
     if distill:
