@@ -1,5 +1,5 @@
 """Pieces every converter shares: errors, wrapper-prefix stripping, picking a training checkpoint's
-sub-dict, and outputs that appear whole or not at all."""
+sub-dict, outputs that appear whole or not at all, listings, progress, in-memory readers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
 
 # Module wrappers that training code puts anywhere in a key (FSDP, activation checkpointing,
 # torch.compile); dropped wherever they occur.
@@ -227,3 +230,76 @@ def atomic_file(dst: Path) -> Iterator[Path]:
     tmp.unlink(missing_ok=True)
     _remove_empty(made)
     raise
+
+
+def is_float(dtype: np.dtype) -> bool:
+  if dtype.kind == "f":
+    return True
+  try:  # ml_dtypes types (bfloat16, float8_*) have kind 'V'
+    ml_dtypes.finfo(dtype)
+    return True
+  except ValueError:
+    return False
+
+
+def fmt_shape(shape) -> str:
+  return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def listing(title: str, items: list[str], limit: int = 40) -> str:
+  shown = "\n    ".join(items[:limit])
+  more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+  return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def progress(total: int, desc: str, log):
+  """A tqdm bar on a terminal (stderr), nothing otherwise. Call with a count, None to close."""
+  if log is quiet:
+    return lambda n: None
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return lambda n: None
+  bar = tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=None, leave=False)
+
+  def update(n):
+    if n is None:
+      bar.close()
+    else:
+      bar.update(n)
+  return update
+
+
+class MappingReader:
+  """A TensorReader over an in-memory mapping of numpy arrays or torch tensors (nested allowed)."""
+
+  def __init__(self, state: Mapping[str, Any]):
+    self._t: dict[str, Any] = {}
+
+    def walk(obj, prefix):
+      for k, v in obj.items():
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+          walk(v, name)
+        elif hasattr(v, "shape") and hasattr(v, "dtype"):
+          self._t[name] = v
+    walk(state, "")
+
+  def keys(self):
+    return list(self._t)
+
+  def _np(self, v) -> np.ndarray:
+    if type(v).__module__.startswith("torch"):
+      from asd_jax.io import torch_pickle  # pylint: disable=g-import-not-at-top
+      return torch_pickle.tensor_to_numpy(v)
+    return np.asarray(v)
+
+  def shape(self, name):
+    return tuple(int(s) for s in self._t[name].shape)
+
+  def dtype(self, name):
+    v = self._t[name]
+    return self._np(v).dtype if type(v).__module__.startswith("torch") else np.dtype(v.dtype)
+
+  def read(self, name):
+    return self._np(self._t[name])

@@ -40,7 +40,6 @@ import ml_dtypes
 import numpy as np
 
 from asd_jax.convert import common
-from asd_jax.convert import wan as _wan_convert  # shared helpers: progress bar, listings, readers
 from asd_jax.convert.common import ConversionError
 from asd_jax.io import orbax_io
 from asd_jax.io import sources
@@ -270,7 +269,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", dtype: str = "
   cfg, info = infer_config(shapes, config_json, chosen, log)
   expected = expected_keys(cfg)
 
-  fmt_shape = _wan_convert._fmt_shape  # pylint: disable=protected-access
+  fmt_shape = common.fmt_shape
   missing = [f"{n} {fmt_shape(s.torch_shape)}" for n, s in expected.items() if n not in canonical]
   unexpected, misshaped, bad_dtype = [], [], []
   for n, src in canonical.items():
@@ -280,7 +279,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", dtype: str = "
     elif shapes[n] != expected[n].torch_shape:
       misshaped.append(f"{shown} is {fmt_shape(shapes[n])}, expected "
                        f"{fmt_shape(expected[n].torch_shape)}")
-    elif not _wan_convert._is_float(reader.dtype(src)):  # pylint: disable=protected-access
+    elif not common.is_float(reader.dtype(src)):
       bad_dtype.append(f"{shown} has dtype {reader.dtype(src)}, expected a float type")
     for c in copies.get(n, ()):
       if tuple(reader.shape(c)) != shapes[n]:
@@ -293,7 +292,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", dtype: str = "
     for title, items in (("missing", missing), ("unexpected", unexpected),
                          ("misshaped", misshaped), ("wrong dtype", bad_dtype)):
       if items:
-        parts.append(_wan_convert._listing(title, items))  # pylint: disable=protected-access
+        parts.append(common.listing(title, items))
     if decoder and naming == "hf" and not encoder_only:
       parts.append("  The checkpoint holds a decoder (a full encoder-decoder UMT5 model); pass "
                    "--encoder_only to convert its encoder alone.")
@@ -322,7 +321,7 @@ def _same(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
 def _fill(reader: sources.TensorReader, plan: Plan, write: Callable, log: Log) -> None:
   """Reads every planned tensor once and writes it, in JAX layout, to its leaf (slot)."""
   total = sum(int(np.prod(s.torch_shape)) for s in plan.keys.values())
-  bar = _wan_convert._progress(total, "convert", log)  # pylint: disable=protected-access
+  bar = common.progress(total, "convert", log)
   for name, spec in plan.keys.items():
     arr = reader.read(plan.source_names[name])
     for copy in plan.copies.get(name, ()):
@@ -359,7 +358,7 @@ def state_dict_to_params(state: Mapping[str, Any], config_json: Mapping[str, Any
     `umt5.abstract_params(cfg)`.
   """
   log = common.log_stderr if verbose else common.quiet
-  reader = _wan_convert._MappingReader(state)  # pylint: disable=protected-access
+  reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, dtype=dtype, encoder_only=encoder_only,
                    config_json=config_json, log=log)
   leaves = {p: np.empty(shape, dt)

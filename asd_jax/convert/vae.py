@@ -330,7 +330,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
       unexpected.append(f"{shown} {_fmt(shapes[n])}")
     elif shapes[n] != by_name[n].torch_shape:
       misshaped.append(f"{shown} is {_fmt(shapes[n])}, expected {_fmt(by_name[n].torch_shape)}")
-    elif not convert_wan._is_float(reader.dtype(src)):  # pylint: disable=protected-access
+    elif not common.is_float(reader.dtype(src)):
       bad_dtype.append(f"{shown} has dtype {reader.dtype(src)}, expected a float type")
   if missing or unexpected or misshaped or bad_dtype:
     parts = [f"cannot map the checkpoint completely onto the Wan VAE (inferred {naming} names, "
@@ -340,7 +340,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
     for title, items in (("missing", missing), ("unexpected", unexpected),
                          ("misshaped", misshaped), ("wrong dtype", bad_dtype)):
       if items:
-        parts.append(convert_wan._listing(title, items))  # pylint: disable=protected-access
+        parts.append(common.listing(title, items))
     raise ConversionError("\n".join(parts))
   order = {src: i for i, src in enumerate(reader.keys())}
   names = sorted(by_name, key=lambda n: order[selection.names[n]])  # read the file front to back
@@ -350,7 +350,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
 
 
 def _fill(reader: sources.TensorReader, plan: Plan, write: Callable, log: Log) -> None:
-  bar = convert_wan._progress(  # pylint: disable=protected-access
+  bar = common.progress(
       sum(int(np.prod(s.torch_shape)) for s in plan.keys.values()), "convert", log)
   for name, spec in plan.keys.items():
     arr = reader.read(plan.source_names[name])
@@ -378,7 +378,7 @@ def state_dict_to_params(state: Mapping[str, Any], config_json: Mapping[str, Any
   `vae.abstract_params(cfg)`.
   """
   log = common.log_stderr if verbose else common.quiet
-  reader = convert_wan._MappingReader(state)  # pylint: disable=protected-access
+  reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, key=key, config_json=config_json, dtype=dtype, log=log)
   leaves = {p: np.empty(s, d) for p, (s, d) in _leaf_specs(plan.cfg, DTYPES[dtype]).items()}
 

@@ -45,16 +45,6 @@ PARAMS_DIR = "params"
 Log = Callable[[str], None]
 
 
-def _is_float(dtype: np.dtype) -> bool:
-  if dtype.kind == "f":
-    return True
-  try:  # ml_dtypes types (bfloat16, float8_*) have kind 'V'
-    ml_dtypes.finfo(dtype)
-    return True
-  except ValueError:
-    return False
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning: which source tensor goes where. Reads names, shapes and dtypes only.
 
@@ -67,16 +57,6 @@ class Plan:
   naming: str  # 'original' | 'diffusers'
   selection: common.Selection
   info: dict[str, Any]
-
-
-def _fmt_shape(shape) -> str:
-  return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _listing(title: str, items: list[str], limit: int = 40) -> str:
-  shown = "\n    ".join(items[:limit])
-  more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-  return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
 def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | None = None,
@@ -100,17 +80,17 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
   cfg, info = infer_config(shapes, config_json, num_heads, dtype, log)
   expected = wan_keys.expected_keys(cfg)
 
-  missing = [f"{n} {_fmt_shape(spec.torch_shape)}" for n, spec in expected.items()
+  missing = [f"{n} {common.fmt_shape(spec.torch_shape)}" for n, spec in expected.items()
              if n not in canonical]
   unexpected, misshaped, bad_dtype = [], [], []
   for n, src in canonical.items():
     shown = n if src == n else f"{n} (in the checkpoint: {src})"
     if n not in expected:
-      unexpected.append(f"{shown} {_fmt_shape(shapes[n])}")
+      unexpected.append(f"{shown} {common.fmt_shape(shapes[n])}")
     elif tuple(shapes[n]) != tuple(expected[n].torch_shape):
-      misshaped.append(f"{shown} is {_fmt_shape(shapes[n])}, expected "
-                       f"{_fmt_shape(expected[n].torch_shape)}")
-    elif not _is_float(reader.dtype(src)):
+      misshaped.append(f"{shown} is {common.fmt_shape(shapes[n])}, expected "
+                       f"{common.fmt_shape(expected[n].torch_shape)}")
+    elif not common.is_float(reader.dtype(src)):
       bad_dtype.append(f"{shown} has dtype {reader.dtype(src)}, expected a float type")
   if missing or unexpected or misshaped or bad_dtype:
     parts = [f"cannot map the checkpoint completely onto the Wan DiT (inferred {naming} names, "
@@ -120,7 +100,7 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
     for title, items in (("missing", missing), ("unexpected", unexpected),
                          ("misshaped", misshaped), ("wrong dtype", bad_dtype)):
       if items:
-        parts.append(_listing(title, items))
+        parts.append(common.listing(title, items))
     raise ConversionError("\n".join(parts))
   order = {src: i for i, src in enumerate(reader.keys())}
   ordered = sorted(expected, key=lambda n: order[canonical[n]])  # read the file front to back
@@ -131,31 +111,13 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
 def _fill(reader: sources.TensorReader, plan: Plan, write: Callable, log: Log) -> None:
   """Reads every planned tensor once and writes it, in JAX layout, to its leaf (slot)."""
   total = sum(int(np.prod(s.torch_shape)) for s in plan.keys.values())
-  bar = _progress(total, "convert", log)
+  bar = common.progress(total, "convert", log)
   for name, spec in plan.keys.items():
     arr = reader.read(plan.source_names[name])
     write(spec.path, spec.layer, wan_keys.to_jax(arr, spec.layout))
     del arr  # unmaps the source pages of this tensor
     bar(int(np.prod(spec.torch_shape)))
   bar(None)
-
-
-def _progress(total: int, desc: str, log: Log):
-  """A tqdm bar on a terminal (stderr), nothing otherwise. Call with a count, None to close."""
-  if log is common.quiet:
-    return lambda n: None
-  try:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return lambda n: None
-  bar = tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=None, leave=False)
-
-  def update(n):
-    if n is None:
-      bar.close()
-    else:
-      bar.update(n)
-  return update
 
 
 def _leaf_specs(cfg: wan.WanConfig, dtype: np.dtype) -> dict[tuple[str, ...], tuple]:
@@ -165,41 +127,6 @@ def _leaf_specs(cfg: wan.WanConfig, dtype: np.dtype) -> dict[tuple[str, ...], tu
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
-
-
-class _MappingReader:
-  """A TensorReader over an in-memory mapping of numpy arrays or torch tensors (nested allowed)."""
-
-  def __init__(self, state: Mapping[str, Any]):
-    self._t: dict[str, Any] = {}
-
-    def walk(obj, prefix):
-      for k, v in obj.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-          walk(v, name)
-        elif hasattr(v, "shape") and hasattr(v, "dtype"):
-          self._t[name] = v
-    walk(state, "")
-
-  def keys(self):
-    return list(self._t)
-
-  def _np(self, v) -> np.ndarray:
-    if type(v).__module__.startswith("torch"):
-      from asd_jax.io import torch_pickle  # pylint: disable=g-import-not-at-top
-      return torch_pickle.tensor_to_numpy(v)
-    return np.asarray(v)
-
-  def shape(self, name):
-    return tuple(int(s) for s in self._t[name].shape)
-
-  def dtype(self, name):
-    v = self._t[name]
-    return self._np(v).dtype if type(v).__module__.startswith("torch") else np.dtype(v.dtype)
-
-  def read(self, name):
-    return self._np(self._t[name])
 
 
 def state_dict_to_params(state: Mapping[str, Any], num_heads: int | None = None,
@@ -221,7 +148,7 @@ def state_dict_to_params(state: Mapping[str, Any], num_heads: int | None = None,
   log = common.log_stderr if verbose else common.quiet
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-  reader = _MappingReader(state)
+  reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, key=key, num_heads=num_heads, config_json=config_json,
                    dtype=dtype, log=log)
   leaves = {p: np.empty(shape, dt) for p, (shape, dt) in _leaf_specs(plan.cfg, DTYPES[dtype]).items()}
@@ -359,7 +286,7 @@ def export_wan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
   out_dtype = {n: DTYPES[dtype] if dtype else leaves[s.path].dtype for n, s in keys.items()}
   specs = {n: (s.torch_shape, out_dtype[n]) for n, s in keys.items()}
   stores: dict[tuple[str, ...], Any] = {}
-  bar = _progress(sum(int(np.prod(s.torch_shape)) for s in keys.values()), "export", log)
+  bar = common.progress(sum(int(np.prod(s.torch_shape)) for s in keys.values()), "export", log)
 
   def produce(name: str) -> np.ndarray:
     spec = keys[name]
