@@ -24,6 +24,7 @@ setup(
         "imageio-ffmpeg<0.8",
         "safetensors",
         "numpy",
+        "scipy",
         "ml_dtypes",
         "tqdm",
     ],

@@ -1,0 +1,1 @@
+"""A synthetic world whose data density is known in closed form (shared spec TOY.md)."""
