@@ -23,6 +23,7 @@ from asd_jax.convert import wan_keys
 from asd_jax.convert.common import ConversionError
 from asd_jax.io import orbax_io
 from asd_jax.models import wan
+from tiny_parts import ShapeReader  # noqa: E402  (tests/ helper)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -43,25 +44,6 @@ def _read_key_list(name):
       key, shape = line.split("\t")
       out[key] = tuple(json.loads(shape))
   return out
-
-
-class _ShapeReader:
-  """A TensorReader with shapes only: planning must never read data."""
-
-  def __init__(self, shapes):
-    self.shapes = shapes
-
-  def keys(self):
-    return list(self.shapes)
-
-  def shape(self, name):
-    return self.shapes[name]
-
-  def dtype(self, name):
-    return np.dtype(np.float32)
-
-  def read(self, name):
-    raise AssertionError("planning read tensor data")
 
 
 def _arch(cfg):
@@ -124,7 +106,7 @@ def _listing(folder):
 @pytest.mark.parametrize("preset", ["1.3b", "14b"])
 def test_real_key_list_maps_onto_abstract_params(preset):
   shapes = _read_key_list(preset)
-  plan = cw.make_plan(_ShapeReader(shapes), log=lambda m: None)
+  plan = cw.make_plan(ShapeReader(shapes), log=lambda m: None)
   assert _arch(plan.cfg) == _arch(wan.WanConfig.preset(preset))
   assert plan.naming == "original" and plan.selection.key is None
   assert set(plan.keys) == set(shapes)
@@ -156,7 +138,7 @@ def test_diffusers_names_match_diffusers_model():
   assert renamed == reference
   assert {wan_keys.diffusers_to_original(k) for k in reference} == set(shapes)
   # The planner takes the diffusers names (and the heads from config.json) as well.
-  plan = cw.make_plan(_ShapeReader(reference), config_json=dict(model.config), log=lambda m: None)
+  plan = cw.make_plan(ShapeReader(reference), config_json=dict(model.config), log=lambda m: None)
   assert plan.naming == "diffusers" and plan.info["num_heads_from"] == "config.json"
   assert _arch(plan.cfg) == _arch(wan.WanConfig.preset("1.3b"))
 

@@ -291,25 +291,6 @@ def test_encoder_of_a_full_model(tmp_path):
   np.testing.assert_allclose(out, ref.last_hidden_state.numpy(), atol=ATOL, rtol=RTOL)
 
 
-class _ShapeReader:
-  """A TensorReader with shapes only (bfloat16, as Wan's release): planning must never read data."""
-
-  def __init__(self, shapes):
-    self.shapes = shapes
-
-  def keys(self):
-    return list(self.shapes)
-
-  def shape(self, name):
-    return self.shapes[name]
-
-  def dtype(self, name):
-    return np.dtype(ml_dtypes.bfloat16)
-
-  def read(self, name):
-    raise AssertionError("planning read tensor data")
-
-
 def test_plan_for_the_xxl_release_without_reading_data():
   xxl = umt5.UMT5Config.preset("xxl")
   wan_shapes = {n: s.torch_shape for n, s in cu.expected_keys(xxl).items()}
@@ -317,7 +298,8 @@ def test_plan_for_the_xxl_release_without_reading_data():
   assert wan_shapes["blocks.23.pos_embedding.embedding.weight"] == (32, 64)
   # Next to the .pth of a Wan release lies the DiT's config.json: it must be ignored.
   dit_json = {"_class_name": "WanModel", "model_type": "t2v", "dim": 1536, "num_heads": 12}
-  plan = cu.make_plan(_ShapeReader(wan_shapes), config_json=dit_json, log=lambda m: None)
+  plan = cu.make_plan(tiny_parts.ShapeReader(wan_shapes, ml_dtypes.bfloat16),
+                      config_json=dit_json, log=lambda m: None)
   assert plan.naming == "original" and plan.dtype == "bfloat16"
   assert plan.cfg == xxl.replace(param_dtype="bfloat16")
 
@@ -333,7 +315,8 @@ def test_plan_for_the_xxl_release_without_reading_data():
              "num_layers": 24, "num_decoder_layers": 24, "vocab_size": 256384,
              "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6,
              "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
-  plan = cu.make_plan(_ShapeReader(hf_shapes), config_json=hf_json, dtype="float32",
+  plan = cu.make_plan(tiny_parts.ShapeReader(hf_shapes, ml_dtypes.bfloat16),
+                      config_json=hf_json, dtype="float32",
                       log=lambda m: None)
   assert plan.naming == "hf" and plan.cfg == xxl
   assert plan.copies == {"token_embedding.weight": ["encoder.embed_tokens.weight"]}

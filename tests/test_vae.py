@@ -34,6 +34,7 @@ from asd_jax.convert import vae as cv  # noqa: E402
 from asd_jax.convert.common import ConversionError  # noqa: E402
 from asd_jax.io import orbax_io  # noqa: E402
 from asd_jax.models import vae  # noqa: E402
+from tiny_parts import ShapeReader  # noqa: E402  (tests/ helper)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ENC_ATOL = 1e-5  # reached 4.5e-7 on latents of magnitude ~2
@@ -272,25 +273,6 @@ def test_bfloat16_compute_stays_close(reference, latents):
 # Converter: coverage of the real checkpoint, formats, bad inputs.
 
 
-class _ShapeReader:
-  """A TensorReader with shapes only: planning must never read data."""
-
-  def __init__(self, shapes):
-    self.shapes = shapes
-
-  def keys(self):
-    return list(self.shapes)
-
-  def shape(self, name):
-    return self.shapes[name]
-
-  def dtype(self, name):
-    return np.dtype(np.float32)
-
-  def read(self, name):
-    raise AssertionError("planning read tensor data")
-
-
 def test_real_key_list_and_diffusers_names_map_onto_the_preset():
   path = SHARED / "data" / "wan_keys" / "wan21_vae_keys.txt"
   if not path.is_file():
@@ -302,7 +284,7 @@ def test_real_key_list_and_diffusers_names_map_onto_the_preset():
       shapes[key] = tuple(json.loads(shape))
   cfg = vae.VAEConfig.preset("wan2.1")
   leaves = orbax_io.flatten(vae.abstract_params(cfg))  # jax.eval_shape: nothing allocated
-  plan = cv.make_plan(_ShapeReader(shapes), log=lambda m: None)
+  plan = cv.make_plan(ShapeReader(shapes), log=lambda m: None)
   assert plan.cfg == cfg and plan.naming == "original"
   assert set(plan.keys) == set(shapes)
   filled = {}
@@ -317,7 +299,7 @@ def test_real_key_list_and_diffusers_names_map_onto_the_preset():
     model = diffusers.AutoencoderKLWan()
   reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
   assert {_diffusers_to_original(k, 2): s for k, s in reference.items()} == shapes
-  plan = cv.make_plan(_ShapeReader(reference), config_json=dict(model.config), log=lambda m: None)
+  plan = cv.make_plan(ShapeReader(reference), config_json=dict(model.config), log=lambda m: None)
   assert plan.cfg == cfg and plan.naming == "diffusers"
   assert {s.diffusers for s in plan.keys.values()} == set(reference)
 

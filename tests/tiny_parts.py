@@ -1,5 +1,6 @@
-"""Tiny random model parts on disk, the way a user gets them: PyTorch references saved with
-save_pretrained, then converted by `python -m asd_jax.convert`. Shared by the end-to-end tests."""
+"""Shared test helpers: tiny random model parts on disk, the way a user gets them (PyTorch
+references saved with save_pretrained, then converted by `python -m asd_jax.convert`), and a
+shapes-only tensor reader for the converters' planning tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ import random
 from pathlib import Path
 
 _SYLLABLES = ["ka", "to", "ri", "mu", "se", "lo", "an", "ve", "ni", "da", "pe", "zo", "ba", "el"]
+
+class ShapeReader:
+  """A TensorReader with shapes only (every tensor of `dtype`): planning must never read data."""
+
+  def __init__(self, shapes, dtype="float32"):
+    import numpy as np
+    self.shapes = shapes
+    self._dtype = np.dtype(dtype)
+
+  def keys(self):
+    return list(self.shapes)
+
+  def shape(self, name):
+    return self.shapes[name]
+
+  def dtype(self, name):
+    return self._dtype
+
+  def read(self, name):
+    raise AssertionError("planning read tensor data")
+
 
 UMT5_D_MODEL = 32
 VAE_Z_DIM = 4

@@ -361,16 +361,9 @@ def state_dict_to_params(state: Mapping[str, Any], config_json: Mapping[str, Any
   reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, dtype=dtype, encoder_only=encoder_only,
                    config_json=config_json, log=log)
-  leaves = {p: np.empty(shape, dt)
-            for p, (shape, dt) in _leaf_specs(plan.cfg, DTYPES[plan.dtype]).items()}
-
-  def write(path, layer, value):
-    if layer is None:
-      leaves[path][...] = value
-    else:
-      leaves[path][layer] = value
-  _fill(reader, plan, write, log)
-  return plan.cfg, orbax_io.unflatten(leaves)
+  params = orbax_io.fill_in_memory(_leaf_specs(plan.cfg, DTYPES[plan.dtype]),
+                                   lambda write: _fill(reader, plan, write, log))
+  return plan.cfg, params
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto",

@@ -380,13 +380,9 @@ def state_dict_to_params(state: Mapping[str, Any], config_json: Mapping[str, Any
   log = common.log_stderr if verbose else common.quiet
   reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, key=key, config_json=config_json, dtype=dtype, log=log)
-  leaves = {p: np.empty(s, d) for p, (s, d) in _leaf_specs(plan.cfg, DTYPES[dtype]).items()}
-
-  def write(path, index, value):
-    del index
-    leaves[path][...] = value
-  _fill(reader, plan, write, log)
-  return plan.cfg, orbax_io.unflatten(leaves)
+  params = orbax_io.fill_in_memory(_leaf_specs(plan.cfg, DTYPES[dtype]),
+                                   lambda write: _fill(reader, plan, write, log))
+  return plan.cfg, params
 
 
 def _open(src: str | os.PathLike, log: Log) -> sources.Source:

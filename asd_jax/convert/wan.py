@@ -151,15 +151,9 @@ def state_dict_to_params(state: Mapping[str, Any], num_heads: int | None = None,
   reader = common.MappingReader(state)
   plan = make_plan(reader, fmt=fmt, key=key, num_heads=num_heads, config_json=config_json,
                    dtype=dtype, log=log)
-  leaves = {p: np.empty(shape, dt) for p, (shape, dt) in _leaf_specs(plan.cfg, DTYPES[dtype]).items()}
-
-  def write(path, layer, value):
-    if layer is None:
-      leaves[path][...] = value
-    else:
-      leaves[path][layer] = value
-  _fill(reader, plan, write, log)
-  return plan.cfg, orbax_io.unflatten(leaves)
+  params = orbax_io.fill_in_memory(_leaf_specs(plan.cfg, DTYPES[dtype]),
+                                   lambda write: _fill(reader, plan, write, log))
+  return plan.cfg, params
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto",

@@ -101,6 +101,21 @@ class MemmapStaging:
     return out
 
 
+def fill_in_memory(specs: Mapping[PathTuple, tuple[tuple, np.dtype]], fill) -> dict[str, Any]:
+  """`fill(write)` into numpy arrays instead of memmaps; returns the nested param tree.
+
+  `write(path, index, value)` has `MemmapStaging.write`'s meaning: the whole leaf when index is
+  None, else leaf[index].
+  """
+  leaves = {p: np.empty(shape, dtype) for p, (shape, dtype) in specs.items()}
+
+  def write(path: PathTuple, index: int | None, value: np.ndarray) -> None:
+    leaves[path][... if index is None else index] = value
+
+  fill(write)
+  return unflatten(leaves)
+
+
 def _save_args(value: np.ndarray, stacked: bool) -> ocp.SaveArgs:
   layer_bytes = value.nbytes // max(value.shape[0], 1) if value.ndim else 0
   if stacked and value.ndim >= 2 and layer_bytes >= _LAYER_CHUNK_MIN_BYTES:
