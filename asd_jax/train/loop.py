@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -29,7 +28,7 @@ from asd_jax.train.checkpoint import Checkpointer
 from asd_jax.train.data import make_source
 from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
 from asd_jax.train.state import TrainState, init_state, make_optimizer
-from asd_jax.train.steps import StepConfig, make_ode_step, make_steps
+from asd_jax.train.steps import StepConfig, make_ode_step, make_steps, run_cycle
 
 STAGES = ("ode_init", "dmd", "asd")
 
@@ -217,17 +216,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     try:
       while step < c.total_steps:
         t0 = time.perf_counter()
-        metrics = {}
-        sub = 0
+        batches, sub = {}, step * per_cycle  # sub-steps numbered in cycle order
         for name, count in zip(("generator", "critic", "disc"), ratio):
-          for j in range(count):
-            batch = shd.global_batch(source(step * per_cycle + sub), mesh, rules)
-            sub += 1
-            if name == "generator":
-              state, m = jitted[name](state, batch)
-            else:
-              state, m = jitted[name](state, batch, jnp.int32(j))
-            metrics.update({k if k.startswith(name) else f"{name}/{k}": v for k, v in m.items()})
+          batches[name] = [shd.global_batch(source(sub + j), mesh, rules) for j in range(count)]
+          sub += count
+        state, metrics = run_cycle(jitted, state, batches, ratio)
         step += 1
         finite = not any(float(v) for k, v in metrics.items() if k.endswith("nonfinite"))
         seconds = time.perf_counter() - t0
@@ -268,8 +261,3 @@ def _state_logical(abstract: TrainState, gen_tx, critic_tx, heads_tx, gen_logica
       heads_opt=shd.opt_state_logical(heads_tx, abstract.heads_opt, heads_logical),
       rng=P(), skipped=P())
 
-
-def load_state_numpy(state: TrainState) -> Any:
-  """The state on the host as numpy arrays (tests, debugging)."""
-  return jax.tree.map(lambda a: np.asarray(jax.random.key_data(a) if jnp.issubdtype(
-      a.dtype, jax.dtypes.prng_key) else a), state)
