@@ -58,7 +58,8 @@ def generate(module: Any,
              rng: jax.Array,
              cache_frames: int | None = None,
              sink_frames: int = 0,
-             on_chunk: Callable[[Any], None] | None = None) -> jax.Array:
+             on_chunk: Callable[[Any], None] | None = None,
+             return_steps: bool = False):
   """Causal chunked generation with the KV cache.
 
   Args:
@@ -74,9 +75,12 @@ def generate(module: Any,
       that rolls the window, keeping the first `sink_frames`.
     on_chunk: optional host callback called with the chunk index once each chunk is done (e.g. a
       progress bar); runs through `jax.debug.callback`.
+    return_steps: also return the x0 predicted at every denoising step (the paper's Fig. 4).
 
   Returns:
-    [B, F, H, W, C] float32 clean latents.
+    [B, F, H, W, C] float32 clean latents; with `return_steps`, (latents, first [S1, B, k, H, W, C],
+    later [S2, B, F - k, H, W, C]): the x0 of each of the S1 steps of the first chunk (k frames)
+    and of each of the S2 steps of the later chunks.
   """
   first, later, capacity = validate_generation(noise.shape, first_chunk_timesteps,
                                                later_chunk_timesteps, chunk_frames, cache_frames,
@@ -90,14 +94,16 @@ def generate(module: Any,
                         method="forward_chunk")
 
   def denoise(x, schedule, cache, offset, chunk):
+    steps = []
     for i, t in enumerate(schedule):
       v, cache = forward(x, t, cache, offset)
       x0 = x0_from_v(x, v, jnp.full((B,), t, jnp.float32))
+      steps.append(x0)
       if i + 1 < len(schedule):
         s = schedule[i + 1] / NUM_TRAIN_TIMESTEPS
         eps = jax.random.normal(chunk_key(rng, chunk, i), x.shape, jnp.float32)
         x = (1.0 - s) * x0 + s * eps
-    return x0, cache
+    return x0, cache, jnp.stack(steps)
 
   def refill(x0, cache, offset):
     return forward(x0, 0.0, cache, offset)[1]
@@ -109,9 +115,11 @@ def generate(module: Any,
   cache = module.apply(variables, context, height=H, width=W, capacity_frames=capacity,
                        sink_frames=sink_frames, method="init_cache")
   noise_NBkHWC = noise.astype(jnp.float32).reshape(B, n, chunk_frames, H, W, C).swapaxes(0, 1)
-  x0_first, cache = denoise(noise_NBkHWC[0], first, cache, 0, 0)
+  x0_first, cache, steps_first = denoise(noise_NBkHWC[0], first, cache, 0, 0)
   if n == 1:
     notify(0)
+    if return_steps:
+      return x0_first, steps_first, jnp.zeros((len(later), B, 0, H, W, C), jnp.float32)
     return x0_first
   cache = refill(x0_first, cache, 0)
   notify(0)
@@ -119,11 +127,16 @@ def generate(module: Any,
   def body(cache, xs):
     noise_c, c = xs
     offset = c * chunk_frames
-    x0, cache = denoise(noise_c, later, cache, offset, c)
+    x0, cache, steps = denoise(noise_c, later, cache, offset, c)
     cache = jax.lax.cond(c < n - 1, lambda k: refill(x0, k, offset), lambda k: k, cache)
     notify(c)
-    return cache, x0
+    return cache, (x0, steps if return_steps else None)
 
-  _, x0_later = jax.lax.scan(body, cache, (noise_NBkHWC[1:], jnp.arange(1, n)))
+  _, (x0_later, steps_later) = jax.lax.scan(body, cache, (noise_NBkHWC[1:], jnp.arange(1, n)))
   out = jnp.concatenate([x0_first[None], x0_later], axis=0)
-  return out.swapaxes(0, 1).reshape(B, F, H, W, C)
+  out = out.swapaxes(0, 1).reshape(B, F, H, W, C)
+  if not return_steps:
+    return out
+  # [n - 1, S2, B, k, H, W, C] -> [S2, B, (n - 1) k, H, W, C]
+  steps_later = jnp.moveaxis(steps_later, 0, 2).reshape(len(later), B, F - chunk_frames, H, W, C)
+  return out, steps_first, steps_later

@@ -12,7 +12,7 @@ import ml_collections
 
 def base_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = stage  # ode_init | dmd | asd
+  c.stage = stage  # pretrain | ode_init | dmd | asd (| toy: the whole toy-world pipeline)
   c.seed = 0
   c.dtype = "bfloat16"  # compute dtype; params and optimizer states stay float32
   c.remat = "full"  # remat policy of every Wan block (gradient checkpointing)
@@ -27,7 +27,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   # Converted model directories (`python -m asd_jax.convert wan`, or a previous stage's export).
   c.init = ml_collections.ConfigDict(dict(student="", teacher="", critic=""))
   c.data = ml_collections.ConfigDict(dict(prompts="", ode_pairs="", synthetic_prompts=64,
-                                          text_len=512))
+                                          text_len=512, toy=False))  # toy: configs/toy.py
   c.batch_size = 64  # global
   c.total_steps = 3000  # generator updates (update-ratio cycles)
   c.update_ratio = (1, 4, 1)  # generator : critic : discriminator
@@ -39,6 +39,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.asd = ml_collections.ConfigDict(dict(
       alpha=0.01, r_lambda=600.0, r_sigma=0.05, taps=(12, 21, 29), num_queries=4, mlp_dim=1024))
   c.ode = ml_collections.ConfigDict(dict(steps=48, guidance=6.0))  # on-the-fly pairs only
+  # Stage 'pretrain' (flow matching on data; the toy world's teacher): timestep law and the
+  # share of rows trained unconditionally (on the negative context) for CFG.
+  c.pretrain = ml_collections.ConfigDict(dict(shift=1.0, t_min=1.0, t_max=1000.0,
+                                              cfg_dropout=0.1))
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
   c.log_every = 1

@@ -5,7 +5,9 @@ rows of the global batch. With `data.prompts` (a dataset of `python -m asd_jax.d
 contexts are real umT5 embeddings; without it a fixed table of `data.synthetic_prompts` random
 "prompt" embeddings stands in (tiny configs, tests). ODE initialisation reads `data.ode_pairs`
 (`python -m asd_jax.data.ode_pairs`) or, without it, makes the pairs on the fly with the teacher.
-No iterator state exists: a resumed run draws exactly the batches it would have drawn.
+With `data.toy` the prompts are the toy world's class embeddings (the null text is the negative)
+and pretraining draws fresh samples of the world. No iterator state exists: a resumed run draws
+exactly the batches it would have drawn.
 """
 
 from __future__ import annotations
@@ -38,15 +40,32 @@ class SyntheticPrompts:
     return {"context": self.context[np.asarray(indices)]}
 
 
+class ToyPrompts:
+  """The toy world's classes as prompts: context [K, tokens, dim], the null text as the negative."""
+
+  def __init__(self, world: Any):
+    self.world = world
+    self.context = np.asarray(world.text, np.float32)
+    self.negative_context = np.asarray(world.null_text, np.float32)
+
+  def __len__(self) -> int:
+    return len(self.context)
+
+  def get_batch(self, indices) -> dict[str, np.ndarray]:
+    return {"context": self.context[np.asarray(indices)]}
+
+
 def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_params: Any,
-                timesteps: tuple[float, ...], latent: tuple[int, int, int, int]
-                ) -> Callable[[int], dict[str, np.ndarray]]:
+                timesteps: tuple[float, ...], latent: tuple[int, int, int, int],
+                world: Any = None) -> Callable[[int], dict[str, np.ndarray]]:
   c = config
   per_process = c.batch_size // jax.process_count()
   if per_process * jax.process_count() != c.batch_size:
     raise ValueError(f"batch_size {c.batch_size} is not divisible by the {jax.process_count()} "
                      f"processes.")
-  if c.data.prompts:
+  if world is not None:
+    prompts = ToyPrompts(world)
+  elif c.data.prompts:
     prompts = PromptDataset(c.data.prompts)
   else:
     prompts = SyntheticPrompts(c.data.synthetic_prompts, c.data.text_len,
@@ -57,6 +76,21 @@ def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_para
                          process_count=jax.process_count(), per_process_batch=per_process)
 
   neg = np.asarray(prompts.negative_context, np.float32)
+
+  if c.stage == "pretrain":
+    if world is None:
+      raise ValueError("stage 'pretrain' trains on the toy world's samples: set data.toy = True.")
+    sample = jax.jit(world.sample)
+
+    def data_source(substep: int) -> dict[str, np.ndarray]:
+      idx = indices(len(prompts), substep)
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(c.seed), substep),
+                               jax.process_index())
+      clean, _ = sample(key, jnp.asarray(idx, jnp.int32))
+      ctx = prompts.get_batch(idx)["context"]
+      return {"clean": np.asarray(clean), "context": ctx,
+              "neg_context": np.broadcast_to(neg[None], ctx.shape).copy()}
+    return data_source
 
   if c.stage != "ode_init":
     def distill_source(substep: int) -> dict[str, np.ndarray]:

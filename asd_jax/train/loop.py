@@ -1,6 +1,7 @@
 """The training job: config -> models, data, sharded state -> jitted steps in a resumable loop.
 
-`train(config, workdir)` runs one stage (`ode_init`, `dmd` or `asd`, see configs/). Everything is
+`train(config, workdir)` runs one stage (`pretrain`, `ode_init`, `dmd` or `asd`, see configs/),
+or the whole toy-world pipeline (`toy`: configs/toy.py, `asd_jax.toy.pipeline`). Everything is
 checked before anything compiles; the state is created (or restored) directly in its shards; the
 steps are jitted once with in/out shardings and state donation; checkpoints are written every
 `checkpoint.every` steps, on SIGTERM and at the end; the EMA generator is exported to
@@ -28,9 +29,11 @@ from asd_jax.train.checkpoint import Checkpointer
 from asd_jax.train.data import make_source
 from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
 from asd_jax.train.state import TrainState, init_state, make_optimizer
-from asd_jax.train.steps import StepConfig, make_ode_step, make_steps, run_cycle
+from asd_jax.train.steps import (StepConfig, make_ode_step, make_pretrain_step, make_steps,
+                                 run_cycle)
 
-STAGES = ("ode_init", "dmd", "asd")
+STAGES = ("pretrain", "ode_init", "dmd", "asd")
+ANALYTIC = "analytic"  # models.teacher.preset of the toy world's exact teacher
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -54,17 +57,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
   if c.asd.alpha < 0:
     raise ValueError(f"asd.alpha must be >= 0, got {c.asd.alpha}.")
-  models = {name: _wan_config(c.models[name], c.dtype, c.remat)
-            for name in ("student", "teacher", "critic")}
+  analytic = c.models.teacher.preset == ANALYTIC
+  if analytic and not c.data.toy:
+    raise ValueError("the analytic teacher exists for the toy world only: set data.toy = True.")
+  if c.data.toy:
+    world_shape = (c.toy.frames, c.toy.height, c.toy.width)
+    if (F, H, W) != world_shape:
+      raise ValueError(f"latent {(F, H, W)} differs from the toy world's {world_shape}.")
+  names = ("student", "critic") if analytic else ("student", "teacher", "critic")
+  models = {name: _wan_config(c.models[name], c.dtype, c.remat) for name in names}
+  if c.data.toy:
+    for name, cfg in models.items():
+      if (cfg.in_channels, cfg.out_channels, cfg.text_dim) != (c.toy.channels, c.toy.channels,
+                                                                 c.toy.text_dim):
+        raise ValueError(f"models.{name} must read {c.toy.channels}-channel latents and "
+                         f"{c.toy.text_dim}-wide text to fit the toy world.")
   if c.stage == "asd":
     layers = models["critic"].num_layers
     if any(not 0 <= tap < layers for tap in c.asd.taps):
       raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
                        f"{layers}.")
-  if models["teacher"].text_dim != models["student"].text_dim:
+  if not analytic and models["teacher"].text_dim != models["student"].text_dim:
     raise ValueError("teacher and student must read the same text embeddings (text_dim).")
   if c.batch_size < 1 or c.total_steps < 1:
     raise ValueError("batch_size and total_steps must be positive.")
+  if analytic and c.stage in ("dmd", "asd") and not c.init.critic:
+    raise ValueError("with the analytic teacher the critic needs its own init (init.critic): "
+                     "a pretrained Wan directory.")
   for name in ("student", "teacher", "critic"):
     path = c.init.get(name)
     if path and not Path(path).is_dir():
@@ -93,6 +112,23 @@ def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
   return shd.shard_init(lambda k: wan.init_params(cfg, k), mesh, logical, rules, args=(key,))
 
 
+def toy_world(config: ml_collections.ConfigDict):
+  """The toy world of a `data.toy` config (None otherwise)."""
+  if not config.data.get("toy"):
+    return None
+  from asd_jax.toy.world import ToyConfig, ToyWorld  # pylint: disable=g-import-not-at-top
+  return ToyWorld(ToyConfig(**config.toy.to_dict()))
+
+
+def _teacher(c: ml_collections.ConfigDict, world, key, mesh, rules):
+  """(module, params) of the frozen teacher: a Wan DiT, or the toy world's exact velocity."""
+  if c.models.teacher.preset == ANALYTIC:
+    from asd_jax.toy.teacher import AnalyticTeacher  # pylint: disable=g-import-not-at-top
+    return AnalyticTeacher(world), {}
+  cfg = _wan_config(c.models.teacher, c.dtype, c.remat)
+  return wan.WanModel(cfg), _params_or_init(c.init.teacher, cfg, key, mesh, rules)
+
+
 def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: dict) -> Path:
   """Writes params as a converted Wan directory (config.json + params/), atomically."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -117,8 +153,12 @@ def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: d
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   """Runs the configured stage in `workdir` (resuming from its latest checkpoint)."""
+  if config.stage == "toy":
+    from asd_jax.toy.pipeline import run  # pylint: disable=g-import-not-at-top
+    return run(config, workdir)
   validate(config)
   c = config
+  world = toy_world(c)
   workdir = Path(workdir)
   shd.initialize_distributed()
   mesh = shd.make_mesh(tuple(c.mesh_shape))
@@ -138,9 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
                             clip_norm=c.optim.clip_norm)
 
   with jax.set_mesh(mesh):
-    distill = c.stage != "ode_init"
+    distill = c.stage in ("dmd", "asd")
     use_heads = c.stage == "asd"
-    teacher_cfg = _wan_config(c.models.teacher, c.dtype, c.remat)
     critic_cfg = _wan_config(c.models.critic, c.dtype, c.remat) if distill else student_cfg
     heads_cfg = disc.DiscConfig(dim=critic_cfg.dim, taps=tuple(c.asd.taps),
                                 num_queries=c.asd.num_queries, num_heads=critic_cfg.num_heads,
@@ -181,23 +220,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     else:  # resuming: the checkpoint has every trained network, no weights are read
       state, meta = ckpt.restore(abstract)
       guard.load_state(meta.get("guard", {}))
-    teacher_params = _params_or_init(c.init.teacher, teacher_cfg, k_teacher, mesh, rules)
+    if c.stage == "pretrain":  # no teacher: the data is the target
+      teacher, teacher_params = None, {}
+    else:
+      teacher, teacher_params = _teacher(c, world, k_teacher, mesh, rules)
 
     student = wan.WanModel(student_cfg)
     if distill:
       steps = make_steps(
-          generator=student, critic=wan.WanModel(critic_cfg), teacher=wan.WanModel(teacher_cfg),
+          generator=student, critic=wan.WanModel(critic_cfg), teacher=teacher,
           teacher_params=teacher_params, heads=disc.DiscHeads(heads_cfg) if use_heads else None,
           gen_tx=gen_tx, critic_tx=critic_tx, heads_tx=heads_tx,
           cfg=StepConfig(timesteps=timesteps, latent_shape=latent, chunk_frames=c.chunk_frames,
                          alpha=c.asd.alpha, guidance=c.dmd.guidance, shift=c.shift,
                          t_min=c.dmd.t_min, t_max=c.dmd.t_max, r_lambda=c.asd.r_lambda,
                          r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start))
+    elif c.stage == "pretrain":
+      steps = {"generator": make_pretrain_step(
+          model=student, tx=gen_tx, shift=c.pretrain.shift, t_min=c.pretrain.t_min,
+          t_max=c.pretrain.t_max, cfg_dropout=c.pretrain.cfg_dropout, ema_decay=c.ema.decay,
+          ema_start=c.ema.start)}
     else:
       steps = {"generator": make_ode_step(student=student, tx=gen_tx, timesteps=timesteps,
                                           chunk_frames=c.chunk_frames)}
-    source = make_source(c, teacher=wan.WanModel(teacher_cfg), teacher_params=teacher_params,
-                         timesteps=timesteps, latent=latent)
+    source = make_source(c, teacher=teacher, teacher_params=teacher_params,
+                         timesteps=timesteps, latent=latent, world=world)
     batch_shard = shd.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, P())
     jitted = {}

@@ -9,7 +9,8 @@ it in `state.skipped`, and reports `nonfinite` = 1 in the metrics.
 
 batch: {'context': [B, L, D], 'neg_context': [B, L, D]} for distillation;
        {'noisy': [B, K, F, H, W, C], 'clean': [B, F, H, W, C], 'context': [B, L, D]} for ODE init
-       (the K stored timesteps are the static training schedule).
+       (the K stored timesteps are the static training schedule);
+       {'clean': [B, F, H, W, C], 'context', 'neg_context'} for pretraining.
 """
 
 from __future__ import annotations
@@ -191,6 +192,44 @@ def make_ode_step(*, student: Any, tx, timesteps: tuple[float, ...],
     return state, metrics
 
   return ode_step
+
+
+def make_pretrain_step(*, model: Any, tx, shift: float = 5.0, t_min: float = 20.0,
+                       t_max: float = 980.0, cfg_dropout: float = 0.1, ema_decay: float = 0.99,
+                       ema_start: int = 200) -> Callable:
+  """Flow-matching step of a bidirectional model on data (teacher pretraining / fine-tuning).
+
+  batch: {'clean': [B, F, H, W, C], 'context': [B, L, D], 'neg_context': [B, L, D]}. Each row's
+  context is replaced by the negative (null) one with probability `cfg_dropout`, so the model
+  also learns the unconditional velocity that classifier-free guidance needs. The loss is the
+  critic's (`losses.critic_loss`: unweighted, shifted timesteps in [t_min, t_max]); the EMA is
+  kept as in distillation.
+  """
+
+  def pretrain_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    key = _key(state, GEN_TAG)
+    k_drop, k_loss = jax.random.split(key)
+    ctx = batch["context"]
+    drop = jax.random.bernoulli(k_drop, cfg_dropout, (ctx.shape[0], 1, 1))
+    ctx = jnp.where(drop, batch["neg_context"], ctx)
+
+    def loss_fn(params):
+      return losses.critic_loss(batch["clean"], ctx, critic=model, critic_params=params,
+                                rng=k_loss, shift=shift, t_min=t_min, t_max=t_max)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
+    new_params, new_opt = _update(tx, grads, state.gen_opt, state.generator)
+    ok = all_finite(loss, grads)
+    new_params = apply_if(ok, new_params, state.generator)
+    ema = ema_update(state.generator_ema, new_params, ema_decay, state.step >= ema_start)
+    state = state.replace(generator=new_params, gen_opt=apply_if(ok, new_opt, state.gen_opt),
+                          generator_ema=apply_if(ok, ema, state.generator_ema),
+                          step=state.step + 1, skipped=state.skipped + (~ok).astype(jnp.int32))
+    metrics = {"flow_loss": metrics["critic_loss"], "generator_grad_norm": global_norm(grads),
+               "nonfinite": (~ok).astype(jnp.float32)}
+    return state, metrics
+
+  return pretrain_step
 
 
 def run_cycle(steps: dict[str, Callable], state: TrainState, batches: dict[str, Any],
