@@ -27,6 +27,7 @@ setup(
         "scipy",
         "ml_dtypes",
         "tqdm",
+        "matplotlib",  # the toy ablation's plots
     ],
     extras_require={
         "convert": ["torch"],

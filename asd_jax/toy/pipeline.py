@@ -73,6 +73,8 @@ def stage_config(c: ml_collections.ConfigDict, stage: str, *, teacher_dir: str =
     d = p.distill
     s.total_steps, s.batch_size = d.total_steps, d.batch_size
     s.optim.gen_lr, s.optim.critic_lr = d.gen_lr, d.critic_lr
+    if stage == "dmd":  # the baseline: the same generator and critic updates, no discriminator
+      s.update_ratio = tuple(c.update_ratio[:2]) + (0,)
   return s
 
 
@@ -110,8 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -> di
     timing[name] = time.perf_counter() - t0
     return out
 
-  teacher_dir = timed("teacher", lambda: _stage(stage_config(c, "pretrain"),
-                                                workdir / "teacher", log))
+  teacher_dir = c.pipeline.get("teacher_dir") or timed(
+      "teacher", lambda: _stage(stage_config(c, "pretrain"), workdir / "teacher", log))
   ode_dir = timed("ode_init", lambda: _stage(stage_config(c, "ode_init", teacher_dir=teacher_dir),
                                              workdir / "ode_init", log))
   run_dirs = {}

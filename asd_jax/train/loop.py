@@ -53,6 +53,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"got {ratio}.")
   if c.stage == "asd" and ratio[2] < 1:
     raise ValueError("stage 'asd' needs discriminator updates: update_ratio[2] >= 1.")
+  if c.stage == "dmd" and ratio[2]:
+    raise ValueError(f"stage 'dmd' has no discriminator: set update_ratio[2] to 0, got {ratio}.")
   if c.stage != "asd" and c.asd.alpha:
     raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
   if c.asd.alpha < 0:
