@@ -11,4 +11,6 @@ ablation over seeds and variants is `python -m asd_jax.toy.ablation`.
 Arguments and the toy-specific choices: `asd_jax/toy/config.py`.
 """
 
-from asd_jax.toy.config import get_config  # pylint: disable=unused-import
+from asd_jax.toy.config import get_config
+
+__all__ = ["get_config"]
