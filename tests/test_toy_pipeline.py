@@ -14,6 +14,7 @@ from asd_jax.diffusion import warp_timesteps
 from asd_jax.distill import losses
 from asd_jax.models import wan
 from asd_jax.sampling import generate
+from asd_jax.toy import ablation
 from asd_jax.toy import evaluate as ev
 from asd_jax.toy import pipeline
 from asd_jax.toy.teacher import AnalyticTeacher, class_of_context
@@ -158,18 +159,20 @@ def _shrink(c):
   c.pipeline.teacher_steps = 4
   c.ode.steps = 4
   c.progress = False
-  c.pipeline.runs = ("dmd", "asd@0.5")
+  c.pipeline.runs = ("dmd", "asd")
+  c.asd.alpha = 0.5
   return c
 
 
 def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
   c = _shrink(toy_config("quick"))
   logs = []
-  results = pipeline.run(c, tmp_path, log=logs.append)
-  for stage in ("teacher", "ode_init", "dmd", "asd@0.5"):
-    assert (tmp_path / stage / "export" / "config.json").exists(), stage
-  saved = json.loads((tmp_path / "results.json").read_text())
-  assert set(saved["runs"]) == {"ode_init", "dmd", "asd@0.5"}
+  work = tmp_path / "seed_0"  # the ablation's layout
+  results = pipeline.run(c, work, log=logs.append)
+  for stage in ("teacher", "ode_init", "dmd", "asd"):
+    assert (work / stage / "export" / "config.json").exists(), stage
+  saved = json.loads((work / "results.json").read_text())
+  assert set(saved["runs"]) == {"ode_init", "dmd", "asd"}
   for name, r in results["runs"].items():
     assert set(r["schedules"]) == {"4", "2", "2*", "1", "1*", "2/spread", "2*/spread"}
     for m in r["schedules"].values():
@@ -180,13 +183,32 @@ def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
     assert len(r["adjacent"]["n_to_next"]) == 3 and len(r["adjacent"]["n_to_teacher"]) == 4
   # The baseline's discriminator never ran; the ASD run logged its logit gap every step.
   assert np.all(np.isnan(results["runs"]["dmd"]["training"]["disc_logit_gap"]))
-  assert np.all(np.isfinite(results["runs"]["asd@0.5"]["training"]["disc_logit_gap"]))
-  assert len(results["runs"]["asd@0.5"]["training"]["dmd_loss"]) == 2
+  assert np.all(np.isfinite(results["runs"]["asd"]["training"]["disc_logit_gap"]))
+  assert len(results["runs"]["asd"]["training"]["dmd_loss"]) == 2
   # The true data scores as the floor it is.
   assert results["data"]["precision"] > 0.9 and results["data"]["temporal_consistency"] == 1.0
-  report = (tmp_path / "report.md").read_text()
-  assert "asd@0.5 @ 1*" in report and "true data (floor)" in report
+  report = (work / "report.md").read_text()
+  assert "asd @ 1*" in report and "true data (floor)" in report
   # A second call finds every stage done and only evaluates again.
   logs.clear()
-  pipeline.run(c, tmp_path, log=logs.append)
+  again = pipeline.run(c, work, log=logs.append)
   assert sum("done before" in line for line in logs) == 4
+  assert again["runs"]["dmd"]["schedules"] == results["runs"]["dmd"]["schedules"]
+
+  # The ablation's aggregation, report, plots and videos on these (two identical "seeds").
+  s = ablation.summarise([results, again], alpha=0.5)
+  assert s["schedules"]["dmd"]["1*"]["nll_per_dim"] == [results["runs"]["dmd"]["schedules"]["1*"]
+                                                        ["nll_per_dim"]] * 2
+  text = ablation.render(s)
+  assert "## Table 2" in text and "| 0.5 |" in text and "| 0 |" in text
+  pngs = ablation.plots(s, tmp_path)
+  assert [p.name for p in pngs] == ["step_similarity.png", "alpha_sweep.png", "training.png"]
+  assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+  mp4s = ablation.videos(c, tmp_path, tmp_path / "videos", 0)
+  assert sorted(p.name for p in mp4s) == sorted(
+      ["data.mp4"] + [f"{r}_{k}.mp4" for r in ("dmd", "asd") for k in ("4", "2star", "1star")])
+  import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
+  reader = imageio_ffmpeg.read_frames(str(tmp_path / "videos" / "dmd_1star.mp4"))
+  meta = next(reader)
+  frames = list(reader)
+  assert meta["size"] == (4 * 4 * 8, 4 * 8) and len(frames) == 6

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -46,25 +47,19 @@ def _fmt(values, digits: int = 3) -> str:
 def run_all(c, workdir: Path, seeds, alphas, log=print) -> list[dict[str, Any]]:
   """Runs (or finds) every seed's pipeline; returns their results."""
   runs = ["dmd", "asd"] + [f"asd@{a:g}" for a in alphas if float(a) != float(c.asd.alpha)]
-  teacher = pipeline._stage(pipeline.stage_config(c, "pretrain"),  # pylint: disable=protected-access
-                            workdir / "teacher", log)
+  teacher = pipeline.run_stage(pipeline.stage_config(c, "pretrain"), workdir / "teacher", log)
   results = []
   for seed in seeds:
-    cs = get_config_copy(c)
+    cs = ml_collections.ConfigDict(c.to_dict())
     cs.seed = int(seed)
     cs.pipeline.teacher_dir = teacher
     cs.pipeline.runs = tuple(runs)
     t0 = time.perf_counter()
     log(f"== seed {seed}")
-    results.append(pipeline.run(cs, workdir / f"seed_{seed}", log=lambda s: log(f"  {s}")
-                                if s.startswith(("ode", "dmd", "asd", "teacher")) else None))
+    results.append(pipeline.run(cs, workdir / f"seed_{seed}", log=lambda s: log(f"  {s}"),
+                                show_report=False))
     log(f"== seed {seed}: {time.perf_counter() - t0:.0f} s")
   return results
-
-
-def get_config_copy(c):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(c.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------

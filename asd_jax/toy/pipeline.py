@@ -78,7 +78,8 @@ def stage_config(c: ml_collections.ConfigDict, stage: str, *, teacher_dir: str =
   return s
 
 
-def _stage(cfg: ml_collections.ConfigDict, workdir: Path, log) -> str:
+def run_stage(cfg: ml_collections.ConfigDict, workdir: Path, log=print) -> str:
+  """Trains one stage in `workdir` unless its export exists; returns the export directory."""
   from asd_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   export = workdir / EXPORT
   if (export / "config.json").exists():
@@ -94,7 +95,8 @@ def _stage(cfg: ml_collections.ConfigDict, workdir: Path, log) -> str:
   return str(export)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print,
+        show_report: bool = True) -> dict[str, Any]:
   """Runs every stage (skipping finished ones), evaluates, writes results.json and report.md."""
   from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
   from asd_jax.train.loop import toy_world  # pylint: disable=g-import-not-at-top
@@ -112,14 +114,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -> di
     timing[name] = time.perf_counter() - t0
     return out
 
-  teacher_dir = c.pipeline.get("teacher_dir") or timed(
-      "teacher", lambda: _stage(stage_config(c, "pretrain"), workdir / "teacher", log))
-  ode_dir = timed("ode_init", lambda: _stage(stage_config(c, "ode_init", teacher_dir=teacher_dir),
+  teacher_dir = c.pipeline.teacher_dir or timed(
+      "teacher", lambda: run_stage(stage_config(c, "pretrain"), workdir / "teacher", log))
+  ode_dir = timed("ode_init", lambda: run_stage(stage_config(c, "ode_init", teacher_dir=teacher_dir),
                                              workdir / "ode_init", log))
   run_dirs = {}
   for name, stage, alpha in runs:
     cfg = stage_config(c, stage, teacher_dir=teacher_dir, student_dir=ode_dir, alpha=alpha)
-    run_dirs[name] = timed(name, lambda cfg=cfg, name=name: _stage(cfg, workdir / name, log))
+    run_dirs[name] = timed(name, lambda cfg=cfg, name=name: run_stage(cfg, workdir / name, log))
 
   t0 = time.perf_counter()
   world = toy_world(c)
@@ -152,7 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print) -> di
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   report = render_report(results)
   (workdir / "report.md").write_text(report)
-  log(report)
+  if show_report:
+    log(report)
   return results
 
 
