@@ -133,6 +133,14 @@ def test_stage_configs_validate_and_wire_the_teacher():
   c_an = toy_config("analytic")
   ode = pipeline.stage_config(c_an, "ode_init", teacher_dir="/t")
   assert ode.models.teacher.preset == "analytic" and ode.init.teacher == ""
+  assert ode.init.student == "/t"  # the causal student starts from the pretrained net
+  c_an.pipeline.ode_init.from_teacher = False
+  assert pipeline.stage_config(c_an, "ode_init", teacher_dir="/t").init.student == ""
+  c_an.pipeline.ode_init.from_teacher = True
+  c_an.models.student.num_layers = 2
+  with pytest.raises(ValueError, match="from_teacher needs"):
+    pipeline.stage_config(c_an, "ode_init", teacher_dir="/t")
+  c_an.models.student.num_layers = c_an.models.teacher.num_layers
   bad = pipeline.stage_config(c, "ode_init")
   bad.latent.frames = 6
   with pytest.raises(ValueError, match="toy world"):

@@ -33,6 +33,14 @@ _LAYER_CHUNK_MIN_BYTES = 1024 * 1024
 PathTuple = tuple[str, ...]
 
 
+def as_path(directory: str | os.PathLike) -> epath.Path:
+  """An Orbax-ready path: local paths made absolute (Orbax misreads relative ones), URLs kept."""
+  text = os.fspath(directory)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def leaf_name(path: PathTuple) -> str:
   return ".".join(path)
 
@@ -137,7 +145,7 @@ def save_tree(directory: str | os.PathLike, flat: Mapping[PathTuple, np.ndarray]
   tree = unflatten(flat)
   save_args = unflatten({p: _save_args(v, p in stacked) for p, v in flat.items()})
   with ocp.Checkpointer(handler) as ckptr:
-    ckptr.save(epath.Path(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    ckptr.save(as_path(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +160,7 @@ class LeafMeta:
 def tree_metadata(directory: str | os.PathLike) -> dict[PathTuple, LeafMeta]:
   """{path: LeafMeta} of a saved PyTree checkpoint, without reading any array data."""
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(epath.Path(directory)).item_metadata
+    meta = ckptr.metadata(as_path(directory)).item_metadata
   use_zarr3 = bool(getattr(meta, "use_zarr3", False))
   return {p: LeafMeta(m.name, tuple(m.shape), np.dtype(m.dtype), use_zarr3)
           for p, m in flatten(dict(meta.tree)).items()}
@@ -160,7 +168,7 @@ def tree_metadata(directory: str | os.PathLike) -> dict[PathTuple, LeafMeta]:
 
 def open_leaf(directory: str | os.PathLike, leaf: LeafMeta) -> ts.TensorStore:
   """A tensorstore handle on one saved leaf; index it (`t[i].read().result()`) to read slices."""
-  directory = epath.Path(directory)
+  directory = as_path(directory)
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
   info = ocp.type_handlers.ParamInfo(name=leaf.name, parent_dir=directory,
                                      is_ocdbt_checkpoint=use_ocdbt, use_zarr3=leaf.use_zarr3)
@@ -172,7 +180,7 @@ def open_leaf(directory: str | os.PathLike, leaf: LeafMeta) -> ts.TensorStore:
 def restore(directory: str | os.PathLike, target: Any) -> Any:
   """Restores into the abstract `target` tree (jax.ShapeDtypeStruct leaves, with shardings)."""
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(epath.Path(directory), target)
+    return ckptr.restore(as_path(directory), target)
 
 
 def restore_checked(params_dir: str | os.PathLike, abstract: Any, *, shardings: Any = None,

@@ -62,7 +62,10 @@ def get_config(arg=None):
   c.pipeline.teacher_net = ml_collections.ConfigDict(dict(
       total_steps=1500, batch_size=32, lr=1e-3, b1=0.9, ema_start=200))
   c.pipeline.ode_init = ml_collections.ConfigDict(dict(
-      total_steps=600, batch_size=16, lr=3e-4, b1=0.9))
+      total_steps=600, batch_size=16, lr=3e-4, b1=0.9,
+      # the causal student starts from the pretrained bidirectional net, as the real student starts
+      # from Wan 1.3B; False: from random weights
+      from_teacher=True))
   c.pipeline.distill = ml_collections.ConfigDict(dict(
       total_steps=300, batch_size=8, gen_lr=1e-4, critic_lr=1e-4))
 

@@ -4,7 +4,8 @@
 ordinary stage config per stage from the toy config and runs each with the real training loop:
 
   WORKDIR/teacher    stage 'pretrain': a bidirectional Wan trained by flow matching on the world
-  WORKDIR/ode_init   stage 'ode_init': the causal student regressed on teacher ODE pairs
+  WORKDIR/ode_init   stage 'ode_init': the causal student, started from the pretrained net (as the
+                     real one starts from Wan 1.3B), regressed on teacher ODE pairs
   WORKDIR/<run>      stage 'dmd' or 'asd' from that one initialisation and the same seed
   WORKDIR/results.json, WORKDIR/report.md
 
@@ -67,6 +68,14 @@ def stage_config(c: ml_collections.ConfigDict, stage: str, *, teacher_dir: str =
   s.init.critic = teacher_dir
   if stage == "ode_init":
     o = p.ode_init
+    if o.from_teacher and not student_dir:
+      # As the real pipeline starts the causal student from the bidirectional Wan (1.3B), the toy
+      # starts it from the pretrained bidirectional net, which must then share its architecture.
+      if c.models.student.to_dict() != c.models.teacher.to_dict():
+        raise ValueError("pipeline.ode_init.from_teacher needs models.student == models.teacher "
+                         "(the student starts from the pretrained teacher net); set it False to "
+                         "start the student from random weights.")
+      s.init.student = teacher_dir
     s.total_steps, s.batch_size = o.total_steps, o.batch_size
     s.optim.gen_lr, s.optim.b1 = o.lr, o.b1
   else:

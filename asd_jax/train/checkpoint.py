@@ -40,7 +40,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from asd_jax.io import orbax_io
 
 __all__ = ["Checkpointer"]
 
@@ -129,7 +130,7 @@ class Checkpointer:
     """
     if save_interval_steps <= 0:
       raise ValueError(f"save_interval_steps must be positive, got {save_interval_steps}.")
-    self.directory = epath.Path(directory)
+    self.directory = orbax_io.as_path(directory)
     self.save_interval_steps = int(save_interval_steps)
     self._async = bool(async_save)
     options = ocp.CheckpointManagerOptions(
