@@ -151,6 +151,62 @@ def test_stage_configs_validate_and_wire_the_teacher():
     loop.validate(bad)
 
 
+def test_ode_pool_solves_a_fixed_set_once_and_draws_from_it(world):
+  """ode.pool = N: N examples solved once (example e with prompt e mod K), then drawn like a
+  built pair dataset; the rows equal a direct solve of their example, and fresh mode differs."""
+  from asd_jax.data import ode_pairs  # pylint: disable=g-import-not-at-top
+  from asd_jax.data.prompts import batch_indices  # pylint: disable=g-import-not-at-top
+  from asd_jax.train import data  # pylint: disable=g-import-not-at-top
+  c = toy_config("analytic")
+  c.toy = dict(c.toy.to_dict(), frames=6, height=4, width=4, text_tokens=3)
+  c.stage, c.batch_size, c.ode.steps, c.ode.pool = "ode_init", 4, 4, 6
+  timesteps = tuple(warp_timesteps(c.timesteps, c.shift))
+  teacher = AnalyticTeacher(world)
+  latent = (6, 4, 4, 4)
+  source = data.make_source(c, teacher=teacher, teacher_params={}, timesteps=timesteps,
+                            latent=latent, world=world)
+  grid = ode_pairs.ode_timesteps(c.ode.steps, c.shift, c.timesteps)
+  text = np.asarray(world.text, np.float32)
+  seen = set()
+  for step in range(3):  # 12 rows from a pool of 6: every example comes back
+    batch = source(step)
+    rows = batch_indices(6, seed=c.seed, step=step, process_index=0, process_count=1,
+                         per_process_batch=4)
+    seen.update(rows.tolist())
+    k = len(text)
+    noisy, clean = ode_pairs.generate_pairs(
+        teacher, {}, rows, text[rows % k], np.broadcast_to(world.null_text, (4,) + text.shape[1:]),
+        seed=c.seed, latent_shape=latent, timesteps=grid, guidance_scale=c.ode.guidance)
+    np.testing.assert_allclose(batch["noisy"], noisy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["clean"], clean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(batch["context"], text[rows % k])
+  assert seen == set(range(6))
+  c.ode.pool = 0  # fresh pairs: examples 4..7 at step 1, none of them in the pool
+  fresh = data.make_source(c, teacher=teacher, teacher_params={}, timesteps=timesteps,
+                           latent=latent, world=world)(1)
+  assert not np.any([np.allclose(fresh["clean"][i], source(1)["clean"][j])
+                     for i in range(4) for j in range(4)])
+  c.ode.pool = -1
+  with pytest.raises(ValueError, match="ode.pool must be >= 0"):
+    data.make_source(c, teacher=teacher, teacher_params={}, timesteps=timesteps, latent=latent,
+                     world=world)
+
+
+def test_toy_config_budgets():
+  """The quick start's budgets are the default; 'ablation' is the set-up of docs/toy_results.md."""
+  quick, abl = toy_config(), toy_config("ablation")
+  assert quick.pipeline.teacher == "trained" and abl.pipeline.teacher == "analytic"
+  assert (quick.pipeline.teacher_net.total_steps, quick.pipeline.ode_init.total_steps,
+          quick.ode.pool, quick.pipeline.distill.total_steps) == (600, 150, 256, 100)
+  assert (abl.pipeline.teacher_net.total_steps, abl.pipeline.ode_init.total_steps, abl.ode.pool,
+          abl.pipeline.distill.total_steps, abl.ema.start, abl.pipeline.eval_samples) == (
+              1500, 600, 0, 300, 100, 128)
+  smoke = toy_config("ablation,quick")
+  assert smoke.pipeline.teacher == "analytic" and smoke.pipeline.distill.total_steps == 5
+  with pytest.raises(ValueError, match="unknown config argument"):
+    toy_config("fast")
+
+
 def _shrink(c):
   """configs/toy.py:quick on a smaller world and model: the whole pipeline in a test."""
   c.toy.frames, c.toy.height, c.toy.width = 6, 4, 4

@@ -287,8 +287,10 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds of the pipelines")
 _ALPHAS = flags.DEFINE_list("alphas", ["0.01", "0.1", "1"],
                             "ASD weights of the alpha sweep (besides 0 = the baseline and the "
                             "config's asd.alpha)")
-_CONFIG_ARG = flags.DEFINE_string("config_arg", "analytic", "argument of the toy config: "
-                                  "'analytic')")
+_CONFIG_ARG = flags.DEFINE_string("config_arg", "ablation", "argument of the toy config "
+                                  "(asd_jax/toy/config.py): 'ablation' (the analytic teacher and the "
+                                  "ablation's budgets), 'analytic' (the quick start's budgets), "
+                                  "'' (the trained teacher), 'quick'")
 
 
 def main(argv):

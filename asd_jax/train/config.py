@@ -38,7 +38,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.dmd = ml_collections.ConfigDict(dict(guidance=3.0, t_min=20.0, t_max=980.0))
   c.asd = ml_collections.ConfigDict(dict(
       alpha=0.01, r_lambda=600.0, r_sigma=0.05, taps=(12, 21, 29), num_queries=4, mlp_dim=1024))
-  c.ode = ml_collections.ConfigDict(dict(steps=48, guidance=6.0))  # on-the-fly pairs only
+  # ODE pairs made by the loop itself when no data.ode_pairs is given: `steps` Euler steps,
+  # CFG `guidance`; `pool` 0 solves fresh pairs every step, N > 0 solves N examples once at
+  # start and trains on them as on a built pair dataset.
+  c.ode = ml_collections.ConfigDict(dict(steps=48, guidance=6.0, pool=0))
   # Stage 'pretrain' (flow matching on data; the toy world's teacher): timestep law and the
   # share of rows trained unconditionally (on the negative context) for CFG.
   c.pretrain = ml_collections.ConfigDict(dict(shift=1.0, t_min=1.0, t_max=1000.0,

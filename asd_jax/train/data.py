@@ -4,7 +4,8 @@
 rows of the global batch. With `data.prompts` (a dataset of `python -m asd_jax.data.build`) the
 contexts are real umT5 embeddings; without it a fixed table of `data.synthetic_prompts` random
 "prompt" embeddings stands in (tiny configs, tests). ODE initialisation reads `data.ode_pairs`
-(`python -m asd_jax.data.ode_pairs`) or, without it, makes the pairs on the fly with the teacher.
+(`python -m asd_jax.data.ode_pairs`) or, without it, makes the pairs with the teacher: fresh
+ones every step, or (`ode.pool` = N) N examples solved once at start.
 With `data.toy` the prompts are the toy world's class embeddings (the null text is the negative)
 and pretraining draws fresh samples of the world. No iterator state exists: a resumed run draws
 exactly the batches it would have drawn.
@@ -118,11 +119,35 @@ def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_para
       teacher, p, idx, ctx, neg_ctx, seed=c.seed, latent_shape=latent, timesteps=grid,
       guidance_scale=c.ode.guidance))
 
-  def on_the_fly(substep: int) -> dict[str, np.ndarray]:
-    idx = indices(len(prompts), substep)
-    ctx = prompts.get_batch(idx)["context"]
+  def solve(example: np.ndarray, prompt_idx: np.ndarray) -> dict[str, np.ndarray]:
+    ctx = prompts.get_batch(prompt_idx)["context"]
     negs = np.broadcast_to(neg[None], ctx.shape)
-    example = jnp.asarray(substep * c.batch_size + np.arange(len(idx)), jnp.int32)
-    noisy, clean = make(teacher_params, example, jnp.asarray(ctx), jnp.asarray(negs))
+    noisy, clean = make(teacher_params, jnp.asarray(example, jnp.int32), jnp.asarray(ctx),
+                        jnp.asarray(negs))
     return {"noisy": np.asarray(noisy), "clean": np.asarray(clean), "context": ctx}
-  return on_the_fly
+
+  pool = int(c.ode.get("pool", 0))
+  if pool < 0:
+    raise ValueError(f"ode.pool must be >= 0 (0: fresh pairs every step), got {pool}.")
+  if not pool:
+    def on_the_fly(substep: int) -> dict[str, np.ndarray]:
+      idx = indices(len(prompts), substep)
+      first = substep * c.batch_size + jax.process_index() * per_process
+      return solve(first + np.arange(len(idx)), idx)
+    return on_the_fly
+
+  # A fixed set of `pool` examples (example e reads prompt e mod #prompts), solved once, in
+  # batches of the training batch's shape, and drawn from like a built pair dataset. It is a
+  # function of (seed, teacher) only, so a resumed run solves the same set.
+  cache: dict[str, np.ndarray] = {}
+
+  def pooled(substep: int) -> dict[str, np.ndarray]:
+    if not cache:
+      parts = []
+      for start in range(0, pool, per_process):
+        example = (start + np.arange(per_process)) % pool
+        parts.append(solve(example, example % len(prompts)))
+      cache.update({k: np.concatenate([p[k] for p in parts])[:pool] for k in parts[0]})
+    rows = indices(pool, substep)
+    return {k: v[rows] for k, v in cache.items()}
+  return pooled
