@@ -1,4 +1,5 @@
-"""The attention dispatch: block-causal as padding equals the dense mask; the registry seam."""
+"""The attention dispatch: block-causal by prefixes equals the dense mask; "auto" by platform; the
+registry seam."""
 
 import jax
 import jax.numpy as jnp
@@ -13,17 +14,42 @@ def _qkv(b=2, t=12, n=3, d=8, seed=0):
   return tuple(jax.random.normal(k, (b, t, n, d)) for k in ks)
 
 
-def test_block_causal_padding_equals_dense_mask():
+@pytest.mark.parametrize("chunk", [4, 5])  # 12 tokens: three whole chunks / a partial last one
+def test_block_causal_prefixes_equal_dense_mask(chunk):
   q, k, v = _qkv()
-  dense = attn.block_causal_attention(q, k, v, chunk_tokens=4, impl="xla", as_padding=False)
-  padded = attn.block_causal_attention(q, k, v, chunk_tokens=4, impl="xla", as_padding=True)
-  np.testing.assert_allclose(padded, dense, atol=1e-6)
+  dense = attn.block_causal_attention(q, k, v, chunk_tokens=chunk, impl="xla", method="dense")
+  prefix = attn.block_causal_attention(q, k, v, chunk_tokens=chunk, impl="xla", method="prefix")
+  np.testing.assert_allclose(prefix, dense, atol=1e-6)
   # Chunk 0 ignores everything after it; the last chunk sees all keys.
-  np.testing.assert_allclose(dense[:, :4], attn.attention(q[:, :4], k[:, :4], v[:, :4]),
-                             atol=1e-6)
-  np.testing.assert_allclose(dense[:, 8:], attn.attention(q, k, v)[:, 8:], atol=1e-6)
-  with pytest.raises(ValueError, match="whole number"):
-    attn.block_causal_attention(q, k, v, chunk_tokens=5)
+  np.testing.assert_allclose(dense[:, :chunk],
+                             attn.attention(q[:, :chunk], k[:, :chunk], v[:, :chunk]), atol=1e-6)
+  np.testing.assert_allclose(dense[:, 10:], attn.attention(q, k, v)[:, 10:], atol=1e-6)
+  # And it is not the bidirectional result.
+  assert float(jnp.abs(dense[:, :chunk] - attn.attention(q, k, v)[:, :chunk]).max()) > 1e-2
+  with pytest.raises(ValueError, match="method"):
+    attn.block_causal_attention(q, k, v, chunk_tokens=chunk, method="nope")
+  with pytest.raises(ValueError, match="splash implementation"):
+    attn.block_causal_attention(q, k, v, chunk_tokens=chunk, impl="xla", method="splash")
+
+
+def test_auto_picks_by_the_platform_compiled_for():
+  q, _, _ = _qkv()
+  assert attn.target_platform() == "cpu"
+  assert attn.resolve("auto", q) == "xla"
+  assert attn.resolve("auto", q.astype(jnp.bfloat16)) == "xla"
+  targets = pytest.importorskip("asd_jax.targets")
+  seen = {}
+
+  def probe(x):
+    seen["platform"] = attn.target_platform()
+    seen["impl"] = attn.resolve("auto", x)
+    seen["masked"] = attn.resolve("auto", x, jnp.ones((1, 1, 12, 12), bool))
+    return x
+
+  mesh = jax.make_mesh((1,), ("data",), devices=targets.devices(targets.parse("v5p-8"))[:1])
+  with jax.set_mesh(mesh):  # a TPU mesh from this CPU host: what the TPU host would pick
+    jax.jit(probe).trace(jax.ShapeDtypeStruct(q.shape, q.dtype))
+  assert seen == {"platform": "tpu", "impl": "splash", "masked": "xla"}
 
 
 def test_kv_lengths_ignore_keys_past_the_length():

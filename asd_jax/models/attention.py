@@ -1,15 +1,23 @@
 """The one attention function every network in asd_jax calls.
 
 `attention(q, k, v, ...)` dispatches to an implementation by name:
-- "xla": `jax.nn.dot_product_attention` lowered by XLA (any backend, any dtype);
+- "xla": `jax.nn.dot_product_attention` lowered by XLA (any backend, any dtype). It materialises
+  the [B, N, T, S] scores: the reference the kernels are tested against, and the CPU path;
 - "cudnn": cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16);
-- "auto": cuDNN on a GPU when the inputs qualify, XLA otherwise;
-- any name added with `register_attention` (the seam for TPU splash attention or a custom kernel).
+- "splash": Pallas splash attention (TPU; `asd_jax.models.splash`), run in interpret mode when the
+  program is not for a TPU;
+- "auto": splash for a TPU, cuDNN for a GPU when the inputs qualify, XLA otherwise;
+- any name added with `register_attention` (the seam for a custom kernel).
+
+"auto" decides by the platform the program is compiled for: the devices of the mesh in context
+(`jax.set_mesh(mesh)`), else the default backend. A program compiled ahead of time for a TPU or a
+GPU from a CPU host (a mesh over `asd_jax.targets` devices) therefore picks what the real host would.
 
 Layout is `[B, T, N, D]` for queries and `[B, S, N, D]` for keys and values, as in
 `jax.nn.dot_product_attention`. Masking is given either as a boolean `mask` broadcastable to
-`[B, N, T, S]` (True = attend) or as `kv_lengths [B]` (keys at positions >= length are ignored); the
-second form lets flash kernels skip the padded keys instead of computing and masking them.
+`[B, N, T, S]` (True = attend; XLA only: a dense mask is what a flash kernel avoids) or as
+`kv_lengths [B]` (keys at positions >= length are ignored), which the kernels apply without
+building a mask. Block-causal self-attention has its own entry, `block_causal_attention`.
 """
 
 from __future__ import annotations
@@ -22,22 +30,31 @@ import jax.numpy as jnp
 AttentionFn = Callable[..., jax.Array]
 
 _REGISTRY: dict[str, AttentionFn] = {}
+_BUILT_IN = ("auto", "xla", "cudnn", "splash")
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
   """Makes `fn(q, k, v, *, mask, kv_lengths) -> out` selectable as `attention_impl=name`."""
-  if name in ("xla", "cudnn", "auto"):
+  if name in _BUILT_IN:
     raise ValueError(f"'{name}' is built in and cannot be replaced.")
   _REGISTRY[name] = fn
 
 
 def available() -> tuple[str, ...]:
-  return ("auto", "xla", "cudnn") + tuple(sorted(_REGISTRY))
+  return _BUILT_IN + tuple(sorted(_REGISTRY))
+
+
+def target_platform() -> str:
+  """'tpu', 'gpu' or 'cpu': the platform of the mesh in context, else of the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = None
+  if not mesh.empty:
+    platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+  platform = (platform or jax.default_backend()).lower()
+  return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
 def _cudnn_applies(q: jax.Array, mask: jax.Array | None) -> bool:
-  if jax.default_backend() != "gpu":
-    return False
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return False
   head_dim = q.shape[-1]
@@ -47,9 +64,19 @@ def _cudnn_applies(q: jax.Array, mask: jax.Array | None) -> bool:
 
 def resolve(impl: str, q: jax.Array, mask: jax.Array | None = None) -> str:
   """The implementation "auto" picks for these inputs (other names are returned as they are)."""
-  if impl == "auto":
-    return "cudnn" if _cudnn_applies(q, mask) else "xla"
-  return impl
+  if impl != "auto":
+    return impl
+  platform = target_platform()
+  if platform == "tpu" and mask is None:
+    return "splash"
+  if platform == "gpu" and _cudnn_applies(q, mask):
+    return "cudnn"
+  return "xla"
+
+
+def _check(impl: str) -> None:
+  if impl not in _BUILT_IN and impl not in _REGISTRY:
+    raise ValueError(f"Unknown attention implementation '{impl}'; choose one of {available()}.")
 
 
 def attention(q: jax.Array,
@@ -66,20 +93,31 @@ def attention(q: jax.Array,
     k, v: [B, S, N, D] keys and values (same dtype as q).
     mask: optional bool, broadcastable to [B, N, T, S]; True where a query may attend.
     kv_lengths: optional int32 [B]; only keys [0, length) are attended.
-    impl: "auto", "xla", "cudnn" or a registered name.
+    impl: "auto", "xla", "cudnn", "splash" or a registered name.
 
   Returns:
     [B, T, N, D] in q's dtype.
   """
+  _check(impl)
   if impl in _REGISTRY:
     return _REGISTRY[impl](q, k, v, mask=mask, kv_lengths=kv_lengths)
   impl = resolve(impl, q, mask)
-  if impl not in ("xla", "cudnn"):
-    raise ValueError(f"Unknown attention implementation '{impl}'; choose one of {available()}.")
   if kv_lengths is not None:
     kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+  if impl == "splash":
+    if mask is not None:
+      raise ValueError("splash attention takes no dense mask; use kv_lengths or "
+                       "block_causal_attention, or attention_impl='xla'.")
+    from asd_jax.models.splash import splash_attention  # pylint: disable=g-import-not-at-top
+    return splash_attention(q, k, v, kv_lengths=kv_lengths)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
+
+
+def block_causal_mask(tokens: int, chunk_tokens: int) -> jax.Array:
+  """[1, 1, T, T] bool: a query of chunk c sees the keys of chunks <= c (the last may be partial)."""
+  chunk = jnp.arange(tokens) // chunk_tokens
+  return (chunk[:, None] >= chunk[None, :])[None, None]
 
 
 def block_causal_attention(q: jax.Array,
@@ -88,28 +126,36 @@ def block_causal_attention(q: jax.Array,
                            *,
                            chunk_tokens: int,
                            impl: str = "auto",
-                           as_padding: bool | None = None) -> jax.Array:
+                           method: str | None = None) -> jax.Array:
   """Self-attention where a query of chunk c sees the keys of chunks <= c.
 
-  q, k, v: [B, T, N, D] with T a multiple of `chunk_tokens`. Two equal formulations:
-  - a dense [T, T] boolean mask (XLA: simple, but materialises every score);
-  - "as padding": every query chunk becomes its own batch row that attends to the key prefix
-    [0, (c + 1) * chunk_tokens) through `kv_lengths`, so a flash kernel skips the masked blocks
-    (about (n + 1) / 2n of the dense work for n chunks) and never builds the mask.
-  `as_padding=None` uses padding when the resolved implementation is not XLA.
+  q, k, v: [B, T, N, D]; the chunks are `chunk_tokens` long, the last one may be shorter. Three
+  equal formulations (`method`):
+  - "dense": a [T, T] boolean mask (XLA: simple, but materialises every score and mask);
+  - "prefix": chunk c's queries attend to the static key prefix [0, (c + 1) * chunk_tokens), one
+    call per chunk: a flash kernel never sees the masked keys (about (n + 1) / 2n of the dense
+    work for n chunks) and nothing is copied;
+  - "splash": one block-sparse splash kernel (masked key blocks skipped).
+  `method=None` picks by implementation: splash -> "splash", xla -> "dense", else "prefix".
   """
   B, T, N, D = q.shape
-  if T % chunk_tokens:
-    raise ValueError(f"{T} tokens are not a whole number of {chunk_tokens}-token chunks.")
-  n = T // chunk_tokens
-  if as_padding is None:
-    as_padding = resolve(impl, q) != "xla"
-  if not as_padding:
-    chunk = jnp.arange(T) // chunk_tokens
-    mask = (chunk[:, None] >= chunk[None, :])[None, None]
-    return attention(q, k, v, mask=mask, impl=impl)
-  qc = q.reshape(B * n, chunk_tokens, N, D)
-  kc = jnp.broadcast_to(k[:, None], (B, n, T, N, D)).reshape(B * n, T, N, D)
-  vc = jnp.broadcast_to(v[:, None], (B, n, T, N, D)).reshape(B * n, T, N, D)
-  lengths = jnp.tile((jnp.arange(n, dtype=jnp.int32) + 1) * chunk_tokens, B)
-  return attention(qc, kc, vc, kv_lengths=lengths, impl=impl).reshape(B, T, N, D)
+  if chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
+  _check(impl)
+  resolved = resolve(impl, q)
+  if method is None:
+    method = {"splash": "splash", "xla": "dense"}.get(resolved, "prefix")
+  if method == "splash":
+    if resolved != "splash":
+      raise ValueError(f"method 'splash' needs the splash implementation, not '{resolved}'.")
+    from asd_jax.models.splash import splash_attention  # pylint: disable=g-import-not-at-top
+    return splash_attention(q, k, v, chunk_tokens=chunk_tokens)
+  if method == "dense":
+    return attention(q, k, v, mask=block_causal_mask(T, chunk_tokens), impl=impl)
+  if method != "prefix":
+    raise ValueError(f"method must be 'dense', 'prefix' or 'splash', got '{method}'.")
+  outs = []
+  for start in range(0, T, chunk_tokens):
+    end = min(start + chunk_tokens, T)
+    outs.append(attention(q[:, start:end], k[:, :end], v[:, :end], impl=impl))
+  return jnp.concatenate(outs, axis=1)
