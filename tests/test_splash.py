@@ -103,10 +103,10 @@ def _model_inputs(cfg, frames=6, b=1, seed=2):
   return x, t, ctx
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_dit_forward_with_splash_equals_xla(tiny, causal):
+@pytest.mark.parametrize("causal,frames", [(False, 6), (True, 7)])  # 7: a partial last chunk
+def test_dit_forward_with_splash_equals_xla(tiny, causal, frames):
   cfg, params = tiny
-  x, t, ctx = _model_inputs(cfg)
+  x, t, ctx = _model_inputs(cfg, frames)
   out = {impl: wan.WanModel(cfg.replace(attention_impl=impl)).apply(
       {"params": params}, x, t, ctx, causal=causal) for impl in ("xla", "splash")}
   np.testing.assert_allclose(out["splash"], out["xla"], **TOL)

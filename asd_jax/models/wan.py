@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from asd_jax.models.wan_config import PRESETS, REMAT_POLICIES, WanConfig
-from asd_jax.models.wan_layers import (Block, Dense, Head, MLP, PatchEmbed, block_causal_mask,
-                                      rope_cos_sin, sinusoidal_embedding)
+from asd_jax.models.wan_layers import (Block, Dense, Head, MLP, PatchEmbed, rope_cos_sin,
+                                      sinusoidal_embedding, write_chunk)
 
 __all__ = ["WanConfig", "PRESETS", "KVCache", "WanModel", "init_params", "abstract_params",
            "logical_axes"]
@@ -178,12 +178,8 @@ class WanModel(nn.Module):
     attn_args, chunk_tokens = {}, 0
     if causal and frame_mask is not None:
       raise ValueError("pass either causal=True or frame_mask, not both.")
-    if causal:
-      chunk = self._chunk_tokens_frames()
-      if grid[0] % chunk == 0:
-        chunk_tokens = chunk * S  # lets flash kernels skip the masked blocks
-      else:  # a partial last chunk
-        attn_args["mask"] = block_causal_mask(grid[0], S, chunk)
+    if causal:  # a partial last chunk is allowed; flash kernels skip the masked blocks
+      chunk_tokens = self._chunk_tokens_frames() * S
     elif frame_mask is not None:
       if frame_mask.shape != (grid[0], grid[0]):
         raise ValueError(f"frame_mask must be [{grid[0]}, {grid[0]}], got {frame_mask.shape}.")
@@ -235,7 +231,9 @@ class WanModel(nn.Module):
     (h, _), kv = self._blocks("chunk", sink_frames=cache.sink_frames)(
         (tokens, None), e0, rope, None, attn_args, xs)
     v = self._head(h, e, grid)
-    return v, cache.replace(k_LBSND=kv["k"], v_LBSND=kv["v"])
+    k_cache, v_cache = write_chunk(cache.k_LBSND, cache.v_LBSND, kv["k"], kv["v"], frame_offset,
+                                   grid[0], S, cache.sink_frames)
+    return v, cache.replace(k_LBSND=k_cache, v_LBSND=v_cache)
 
   # Public methods for `module.apply(..., method=...)`.
 

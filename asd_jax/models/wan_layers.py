@@ -99,13 +99,6 @@ def apply_rope(x_BTND: Array, cos_TK: Array, sin_TK: Array) -> Array:
   return out.reshape(x_BTND.shape).astype(dtype)
 
 
-def block_causal_mask(frames: int, tokens_per_frame: int, chunk_frames: int) -> Array:
-  """[1, 1, T, T] bool: a query of chunk c sees keys of chunks <= c."""
-  chunk = np.arange(frames) // chunk_frames
-  chunk = np.repeat(chunk, tokens_per_frame)
-  return jnp.asarray(chunk[:, None] >= chunk[None, :])[None, None]
-
-
 # ----------------------------------------------------------------------------------------------
 # Layers.
 
@@ -240,10 +233,13 @@ class Block(nn.Module):
     k = apply_rope(k, cos, sin)
     new_cache = None
     if self.mode == "chunk":
-      k_cache, v_cache = _write_chunk(xs["k"], xs["v"], k.astype(xs["k"].dtype),
-                                      v.astype(xs["v"].dtype), attn_args["frame_offset"], F, S,
-                                      self.sink_frames)
-      new_cache = {"k": k_cache, "v": v_cache}
+      k_new, v_new = k.astype(xs["k"].dtype), v.astype(xs["v"].dtype)
+      # This layer's cache with the chunk in its slots: a per-layer transient. The layer outputs
+      # only the chunk's K/V; the caller writes them into the whole (donated) cache in place, so
+      # the scan never builds a second cache.
+      k_cache, v_cache = write_chunk(xs["k"], xs["v"], k_new, v_new, attn_args["frame_offset"],
+                                      F, S, self.sink_frames)
+      new_cache = {"k": k_new, "v": v_new}
       a = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                     kv_lengths=attn_args["kv_lengths"], impl=cfg.attention_impl)
     elif self.chunk_tokens:
@@ -356,13 +352,16 @@ def cache_slot(frame: Array, capacity: int, sink: int) -> Array:
   return jnp.where(frame < capacity, frame, sink + (frame - sink) % ring)
 
 
-def _write_chunk(k_cache: Array, v_cache: Array, k: Array, v: Array, frame_offset: Array,
+def write_chunk(k_cache: Array, v_cache: Array, k: Array, v: Array, frame_offset: Array,
                  frames: int, tokens_per_frame: int, sink: int) -> tuple[Array, Array]:
-  """Writes a chunk's K/V ([B, frames * S, N, D]) into its frame slots of the cache."""
-  capacity = k_cache.shape[1] // tokens_per_frame
+  """Writes a chunk's K/V ([..., B, frames * S, N, D]) into its frame slots of the cache
+  ([..., B, capacity * S, N, D]; leading axes, e.g. layers, are written whole)."""
+  axis = k_cache.ndim - 3
+  capacity = k_cache.shape[axis] // tokens_per_frame
   for j in range(frames):
     start = cache_slot(frame_offset + j, capacity, sink) * tokens_per_frame
-    sl = slice(j * tokens_per_frame, (j + 1) * tokens_per_frame)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k[:, sl], start, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v[:, sl], start, axis=1)
+    part = lambda a: jax.lax.slice_in_dim(a, j * tokens_per_frame, (j + 1) * tokens_per_frame,
+                                          axis=axis)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, part(k), start, axis=axis)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, part(v), start, axis=axis)
   return k_cache, v_cache
