@@ -10,18 +10,27 @@ CPU defaults (reduced): the real 1.3B DiT on 9 latent frames of 8x8 (33 frames o
 GPU (the paper's setting): `--frames=21 --height=60 --width=104 --dtype=bfloat16` (832x480, 81
 frames). Self Forcing's reference on one H100: 17 FPS and 0.69 s latency at 4 steps.
 
-Usage: python benchmarks/sampler.py [--preset=1.3b] [--settings=4,2*,1*] [--repeats=3]
+With `--reference=PATH` (a checkout of Self Forcing, github guandeh17/Self-Forcing), it instead runs
+asd_jax's sampler side by side with Self Forcing's own PyTorch chunk loop in this process, on the same
+weights (its `CausalWanModel` with its KV cache, driven as its `CausalInferencePipeline.inference`
+drives it), checks that both give the same latents and times both; see `compare_with_reference`.
+
+Usage: python benchmarks/sampler.py [--preset=1.3b] [--layers=N] [--settings=4,2*,1*] [--repeats=3]
+       python benchmarks/sampler.py --reference=/path/to/Self-Forcing --layers=4 --frames=9 \
+         --height=16 --width=26 --steps=4
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,6 +79,240 @@ def median_time(fn, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
+# ----------------------------------------------------------------------------------------------
+# Side by side with Self Forcing's PyTorch chunk loop.
+
+
+def load_reference(path: str):
+  """Imports Self Forcing's `causal_model` and `scheduler` modules from a checkout at `path`.
+
+  Only the modules the chunk loop runs are imported. Two stand-ins, both for running on a CPU:
+  - the packages `wan`, `wan.modules` and `utils` are entered as bare namespaces (`sys.modules`), so
+    their `__init__` files, which import the T5/CLIP/VAE stacks and their extra dependencies, do not
+    run;
+  - its attention goes to flash-attn, a CUDA-only package; without it, its fallback casts q/k/v to
+    bfloat16 (and then fails in the float32 output projection). Both `attention` in its causal model
+    and `flash_attention` in its cross-attention are replaced by PyTorch's scaled_dot_product_attention
+    in the inputs' dtype ([B, L, N, D] in and out, no mask, as the reference calls them: it slices the
+    cache to the filled part itself, and its text keys have no padding mask).
+  """
+  import torch
+  root = Path(path).resolve()
+  if not (root / "wan" / "modules" / "causal_model.py").exists():
+    raise SystemExit(f"--reference={path}: no wan/modules/causal_model.py there; pass the root of "
+                     "a Self Forcing checkout (github guandeh17/Self-Forcing).")
+  sys.path.insert(0, str(root))
+  for name, sub in (("wan", "wan"), ("wan.modules", "wan/modules"), ("utils", "utils")):
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(root / sub)]
+    sys.modules[name] = pkg
+  causal_model = importlib.import_module("wan.modules.causal_model")
+  wan_model = importlib.import_module("wan.modules.model")
+  scheduler = importlib.import_module("utils.scheduler")
+
+  def sdpa(q, k, v, *args, **kwargs):
+    del args, kwargs  # k_lens / dtype: unused (no padding in these calls; float32 kept)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+  causal_model.attention = sdpa
+  wan_model.flash_attention = sdpa
+  return causal_model, scheduler
+
+
+class ReferenceLoop:
+  """Self Forcing's causal inference loop (`CausalInferencePipeline.inference`) on its own model.
+
+  Kept as the pipeline keeps it: the KV cache (a 32,760-token buffer a layer, as the pipeline makes
+  it when `local_attn_size == -1`) and the cross-attention cache are allocated once and reset on each
+  call; per chunk, each step calls the model with the cache at `current_start`, converts the flow to
+  x0 in float64 (its `WanDiffusionWrapper._convert_flow_pred_to_x0`) and re-noises with its
+  scheduler's `add_noise`; then the clean chunk is run once more at t = context_noise = 0 to refill
+  the cache (after every chunk, the last included). Only the re-noising noise is given from outside
+  (`renoise`), so that both samplers draw the same numbers.
+  """
+
+  def __init__(self, model, scheduler_mod, steps: int, batch: int, chunk_frames: int,
+               tokens_per_frame: int, dtype):
+    import torch
+    self.torch = torch
+    self.model = model
+    model.num_frame_per_block = chunk_frames
+    self.scheduler = scheduler_mod.FlowMatchScheduler(shift=5.0, sigma_min=0.0,
+                                                      extra_one_step=True)
+    self.scheduler.set_timesteps(1000, training=True)
+    # warp_denoising_step: [1000, 750, 500, 250] -> the scheduler's shifted timesteps
+    base = torch.tensor([1000 - 1000 * i // steps for i in range(steps)], dtype=torch.long)
+    table = torch.cat((self.scheduler.timesteps.cpu(), torch.tensor([0], dtype=torch.float32)))
+    self.timesteps = table[1000 - base]
+    self.k = chunk_frames
+    self.frame_seq_length = tokens_per_frame
+    n, d = model.num_heads, model.dim // model.num_heads
+    size = 32760 if model.local_attn_size == -1 else model.local_attn_size * tokens_per_frame
+    self.kv_cache = [{"k": torch.zeros([batch, size, n, d], dtype=dtype),
+                      "v": torch.zeros([batch, size, n, d], dtype=dtype),
+                      "global_end_index": torch.tensor([0], dtype=torch.long),
+                      "local_end_index": torch.tensor([0], dtype=torch.long)}
+                     for _ in range(model.num_layers)]
+    self.crossattn_cache = [{"k": torch.zeros([batch, 512, n, d], dtype=dtype),
+                             "v": torch.zeros([batch, 512, n, d], dtype=dtype), "is_init": False}
+                            for _ in range(model.num_layers)]
+
+  def _x0(self, flow, xt, timestep):
+    torch = self.torch
+    dtype = flow.dtype
+    flow, xt = flow.double(), xt.double()
+    sigmas, timesteps = self.scheduler.sigmas.double(), self.scheduler.timesteps.double()
+    tid = torch.argmin((timesteps.unsqueeze(0) - timestep.unsqueeze(1)).abs(), dim=1)
+    return (xt - sigmas[tid].reshape(-1, 1, 1, 1) * flow).to(dtype)
+
+  def _generator(self, x_BFCHW, timestep, context, current_start):
+    flow = self.model(x_BFCHW.permute(0, 2, 1, 3, 4), t=timestep, context=context, seq_len=32760,
+                      kv_cache=self.kv_cache, crossattn_cache=self.crossattn_cache,
+                      current_start=current_start).permute(0, 2, 1, 3, 4)
+    x0 = self._x0(flow.flatten(0, 1), x_BFCHW.flatten(0, 1), timestep.flatten(0, 1))
+    return x0.unflatten(0, flow.shape[:2])
+
+  def __call__(self, noise_BFCHW, context, renoise):
+    """noise [B, F, C, H, W]; renoise[chunk][step] [B, k, C, H, W] -> latents [B, F, C, H, W]."""
+    torch = self.torch
+    for cache in self.crossattn_cache:
+      cache["is_init"] = False
+    for cache in self.kv_cache:
+      cache["global_end_index"] = torch.tensor([0], dtype=torch.long)
+      cache["local_end_index"] = torch.tensor([0], dtype=torch.long)
+    B, F = noise_BFCHW.shape[:2]
+    output = torch.zeros_like(noise_BFCHW)
+    start = 0
+    with torch.no_grad():
+      for c in range(F // self.k):
+        x = noise_BFCHW[:, start:start + self.k]
+        for i, t in enumerate(self.timesteps):
+          timestep = torch.ones([B, self.k], dtype=torch.int64) * t
+          x0 = self._generator(x, timestep, context, start * self.frame_seq_length)
+          if i < len(self.timesteps) - 1:
+            nxt = self.timesteps[i + 1] * torch.ones([B * self.k], dtype=torch.long)
+            x = self.scheduler.add_noise(x0.flatten(0, 1), renoise[c][i].flatten(0, 1),
+                                         nxt).unflatten(0, x0.shape[:2])
+        output[:, start:start + self.k] = x0
+        self._generator(x0, torch.ones_like(timestep) * 0, context, start * self.frame_seq_length)
+        start += self.k
+    return output
+
+
+def compare_with_reference(args) -> dict:
+  """asd_jax's sampler against Self Forcing's loop: same weights, noise and re-noising; times both."""
+  import numpy as np
+  import torch
+  from asd_jax.convert.wan import state_dict_to_params
+  from asd_jax.sampling.causal import chunk_key
+
+  causal_model, scheduler_mod = load_reference(args.reference)
+  torch.set_num_threads(args.torch_threads)
+  dtype = args.dtype or "float32"
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  preset = wan.WanConfig.preset(args.preset)
+  layers = args.layers or preset.num_layers
+  torch.manual_seed(0)
+  ref = causal_model.CausalWanModel(
+      patch_size=preset.patch_size, text_len=preset.text_len, in_dim=preset.in_channels,
+      dim=preset.dim, ffn_dim=preset.ffn_dim, freq_dim=preset.freq_dim, text_dim=preset.text_dim,
+      out_dim=preset.out_channels, num_heads=preset.num_heads, num_layers=layers,
+      cross_attn_norm=preset.cross_attn_norm, eps=preset.eps).eval()
+  with torch.no_grad():  # its init zeroes the head (v = 0) and every bias: make them non-trivial
+    for name, p in ref.named_parameters():
+      if name.startswith("head.head.weight"):
+        p.normal_(std=0.02)
+      elif name.endswith("bias"):
+        p.normal_(std=0.02)
+  _, params = state_dict_to_params({k: v.detach().numpy() for k, v in ref.state_dict().items()},
+                                   num_heads=preset.num_heads, fmt="original")
+  if tdtype != torch.float32:
+    ref = ref.to(tdtype)
+  cfg = wan.WanConfig.preset(args.preset, num_layers=layers, dtype=dtype,
+                             scan_layers=args.scan_layers)
+  module = wan.WanModel(cfg)
+  params = jax.device_put(params)
+  if dtype != "float32":
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+
+  B, F, Hl, Wl, k = 1, args.frames, args.height, args.width, args.chunk_frames
+  n = F // k
+  pt, ph, pw = cfg.patch_size
+  tokens_per_frame = (Hl // ph) * (Wl // pw)
+  loop = ReferenceLoop(ref, scheduler_mod, args.steps, B, k, tokens_per_frame, tdtype)
+  schedule = tuple(float(t) for t in loop.timesteps)
+  ours = few_step_schedule(args.steps)
+  if not np.allclose(schedule, ours, rtol=0, atol=1e-3):
+    raise SystemExit(f"the reference's timesteps {schedule} differ from asd_jax's {ours}.")
+
+  k1, k2 = jax.random.split(jax.random.key(1))
+  noise = jax.random.normal(k1, (B, F, Hl, Wl, cfg.in_channels))
+  ctx = jax.random.normal(k2, (B, args.text_len, cfg.text_dim))
+  rng = jax.random.key(2)
+  # The re-noising noise asd_jax draws (see asd_jax.sampling.causal.generate), handed to the
+  # reference as its torch.randn_like would have drawn it.
+  renoise = [[torch.from_numpy(np.asarray(jax.random.normal(
+      chunk_key(rng, c, i), (B, k, Hl, Wl, cfg.in_channels))).transpose(0, 1, 4, 2, 3).copy())
+      .to(tdtype) for i in range(args.steps - 1)] for c in range(n)]
+  noise_t = torch.from_numpy(np.asarray(noise).transpose(0, 1, 4, 2, 3).copy()).to(tdtype)
+  ctx_t = torch.from_numpy(np.array(ctx)).to(tdtype)
+
+  gen = jax.jit(lambda p, c, z: generate(
+      module, p, c, z, first_chunk_timesteps=ours, later_chunk_timesteps=ours, chunk_frames=k,
+      rng=rng))
+  t0 = time.perf_counter()
+  compiled = gen.lower(params, ctx, noise).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run_jax():
+    return jax.block_until_ready(compiled(params, ctx, noise))
+
+  def run_ref():
+    return loop(noise_t, ctx_t, renoise)
+
+  ours_out = np.asarray(run_jax())  # the warm-up calls are also the parity check
+  ref_out = run_ref().float().numpy().transpose(0, 1, 3, 4, 2)
+  for _ in range(args.warmup - 1):
+    run_jax()
+    run_ref()
+  err = np.abs(ours_out - ref_out)
+  # float32 on both sides: about 1e-6 relative a matmul, through (steps + 1) forwards a chunk.
+  tol = 1e-3 * float(np.abs(ref_out).max()) if dtype == "float32" else 5e-2 * float(
+      np.abs(ref_out).max())
+  jax_times, ref_times = [], []
+  for _ in range(args.repeats):  # alternated, so load from other processes hits both alike
+    t0 = time.perf_counter()
+    run_jax()
+    jax_times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    run_ref()
+    ref_times.append(time.perf_counter() - t0)
+  jax_s, ref_s = statistics.median(jax_times), statistics.median(ref_times)
+  return {
+      "benchmark": "sampler_vs_reference",
+      "device": {"jax": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                 "cpu_count": os.cpu_count(), "machine": platform.machine()},
+      "config": {"preset": args.preset, "layers": layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
+                 "heads": cfg.num_heads, "dtype": dtype, "batch": B, "latent_frames": F,
+                 "latent_hw": [Hl, Wl], "chunk_frames": k, "chunks": n, "steps": args.steps,
+                 "timesteps": list(ours), "text_len": args.text_len,
+                 "scan_layers": cfg.scan_layers, "torch_threads": torch.get_num_threads(),
+                 "torch_version": torch.__version__, "jax_version": jax.__version__},
+      "forwards": {"asd_jax": n * args.steps + n - 1, "reference": n * args.steps + n,
+                   "note": "the reference also refills the cache after the last chunk"},
+      "compared": "final latents of the whole video, same initial noise and re-noising noise",
+      "max_abs_diff": float(err.max()), "max_abs_ref": float(np.abs(ref_out).max()),
+      "tolerance": tol, "match": bool(err.max() <= tol),
+      "asd_jax_compile_seconds": compile_s,
+      "asd_jax_seconds": jax_s, "reference_seconds": ref_s, "ratio": jax_s / ref_s,
+      "asd_jax_all_seconds": jax_times, "reference_all_seconds": ref_times,
+      "seconds": "median of the timed repeats after the warm-up; JAX compile excluded (reported "
+                 "apart), the reference runs eagerly (nothing to compile)",
+  }
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="1.3b")
@@ -83,11 +326,28 @@ def main() -> None:
   ap.add_argument("--vae", default="wan2.1", help="VAE preset for the streaming decode, or none")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--layers", type=int, default=0, help="blocks (default: the preset's)")
+  ap.add_argument("--scan_layers", action="store_true",
+                  help="run the blocks under a scan (default: unrolled)")
+  ap.add_argument("--reference", default=None,
+                  help="path of a Self Forcing checkout: compare with its PyTorch chunk loop")
+  ap.add_argument("--steps", type=int, default=4, help="with --reference: steps on every chunk")
+  ap.add_argument("--torch_threads", type=int, default=os.cpu_count())
+  ap.add_argument("--out", default=None, help="also write the JSON here")
   args = ap.parse_args()
+
+  if args.reference:
+    result = compare_with_reference(args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+      Path(args.out).write_text(text + "\n")
+    return
 
   on_gpu = jax.default_backend() == "gpu"
   dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-  cfg = wan.WanConfig.preset(args.preset, dtype=dtype, scan_layers=False)
+  overrides = {"num_layers": args.layers} if args.layers else {}
+  cfg = wan.WanConfig.preset(args.preset, dtype=dtype, scan_layers=args.scan_layers, **overrides)
   module = wan.WanModel(cfg)
   params = jax.jit(wan.init_params, static_argnums=0)(cfg, jax.random.key(0))
   if dtype != "float32":  # inference: keep the weights in the compute dtype
@@ -139,7 +399,10 @@ def main() -> None:
         "first_chunk_pixel_frames": first_chunk_pixels, **entry,
     }
     print(json.dumps({setting: result["settings"][setting]}), file=sys.stderr)
-  print(json.dumps(result, indent=1))
+  text = json.dumps(result, indent=1)
+  print(text)
+  if args.out:
+    Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
