@@ -10,10 +10,11 @@ CPU defaults (reduced): the real 1.3B DiT on 9 latent frames of 8x8 (33 frames o
 GPU (the paper's setting): `--frames=21 --height=60 --width=104 --dtype=bfloat16` (832x480, 81
 frames). Self Forcing's reference on one H100: 17 FPS and 0.69 s latency at 4 steps.
 
-With `--reference=PATH` (a checkout of Self Forcing, github guandeh17/Self-Forcing), it instead runs
-asd_jax's sampler side by side with Self Forcing's own PyTorch chunk loop in this process, on the same
-weights (its `CausalWanModel` with its KV cache, driven as its `CausalInferencePipeline.inference`
-drives it), checks that both give the same latents and times both; see `compare_with_reference`.
+With `--reference=PATH` (a checkout of Self Forcing, github guandeh17/Self-Forcing), it instead
+runs asd_jax's sampler side by side with Self Forcing's own PyTorch chunk loop in this process, on
+the same weights (its `CausalWanModel` with its KV cache, driven as its
+`CausalInferencePipeline.inference` drives it), checks that both give the same latents and times
+both; see `compare_with_reference`.
 
 Usage: python benchmarks/sampler.py [--preset=1.3b] [--layers=N] [--settings=4,2*,1*] [--repeats=3]
        python benchmarks/sampler.py --reference=/path/to/Self-Forcing --layers=4 --frames=9 \
@@ -92,9 +93,10 @@ def load_reference(path: str):
     run;
   - its attention goes to flash-attn, a CUDA-only package; without it, its fallback casts q/k/v to
     bfloat16 (and then fails in the float32 output projection). Both `attention` in its causal model
-    and `flash_attention` in its cross-attention are replaced by PyTorch's scaled_dot_product_attention
-    in the inputs' dtype ([B, L, N, D] in and out, no mask, as the reference calls them: it slices the
-    cache to the filled part itself, and its text keys have no padding mask).
+    and `flash_attention` in its cross-attention are replaced by PyTorch's
+    scaled_dot_product_attention in the inputs' dtype ([B, L, N, D] in and out, no mask, as the
+    reference calls them: it slices the cache to the filled part itself, and its text keys have no
+    padding mask).
   """
   import torch
   root = Path(path).resolve()
@@ -124,13 +126,13 @@ def load_reference(path: str):
 class ReferenceLoop:
   """Self Forcing's causal inference loop (`CausalInferencePipeline.inference`) on its own model.
 
-  Kept as the pipeline keeps it: the KV cache (a 32,760-token buffer a layer, as the pipeline makes
-  it when `local_attn_size == -1`) and the cross-attention cache are allocated once and reset on each
-  call; per chunk, each step calls the model with the cache at `current_start`, converts the flow to
-  x0 in float64 (its `WanDiffusionWrapper._convert_flow_pred_to_x0`) and re-noises with its
-  scheduler's `add_noise`; then the clean chunk is run once more at t = context_noise = 0 to refill
-  the cache (after every chunk, the last included). Only the re-noising noise is given from outside
-  (`renoise`), so that both samplers draw the same numbers.
+  Kept as the pipeline keeps it: the KV cache (a 32,760-token buffer a layer, as the pipeline
+  makes it when `local_attn_size == -1`) and the cross-attention cache are allocated once and reset
+  on each call; per chunk, each step calls the model with the cache at `current_start`, converts
+  the flow to x0 in float64 (its `WanDiffusionWrapper._convert_flow_pred_to_x0`) and re-noises
+  with its scheduler's `add_noise`; then the clean chunk is run once more at t = context_noise = 0
+  to refill the cache (after every chunk, the last included). Only the re-noising noise is given
+  from outside (`renoise`), so that both samplers draw the same numbers.
   """
 
   def __init__(self, model, scheduler_mod, steps: int, batch: int, chunk_frames: int,
@@ -202,7 +204,7 @@ class ReferenceLoop:
 
 
 def compare_with_reference(args) -> dict:
-  """asd_jax's sampler against Self Forcing's loop: same weights, noise and re-noising; times both."""
+  """asd_jax's sampler against Self Forcing's loop: same weights, noise, re-noising; times both."""
   import numpy as np
   import torch
   from asd_jax.convert.wan import state_dict_to_params
