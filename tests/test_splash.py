@@ -88,6 +88,24 @@ def test_cached_chunk_with_valid_lengths_equals_xla():
                              **TOL)
 
 
+def test_cache_blocks_past_the_longest_row_are_skipped():
+  """NaN keys and values in the blocks past the longest row never reach the output: those blocks
+  are neither loaded nor computed (masking alone would give 0 * NaN = NaN)."""
+  q, k, v = _qkv(2, 90, 600)  # 600 keys: five 128-blocks (640)
+  lengths = jnp.array([100, 200], jnp.int32)  # live blocks: 0 and 1
+  ref = attn.attention(q, k, v, kv_lengths=lengths, impl="xla")
+  k_nan = k.at[:, 256:].set(jnp.nan)
+  v_nan = v.at[:, 256:].set(jnp.nan)
+  out = jax.jit(lambda l: attn.attention(q, k_nan, v_nan, kv_lengths=l, impl="splash"))(lengths)
+  np.testing.assert_allclose(out, ref, **TOL)
+  kernel = splash._kernel(2, 128, 640, 600, 0, 128, 128, True)
+  limited = splash.limit_kv_blocks(kernel, jnp.int32(200), 128)
+  np.testing.assert_array_equal(np.asarray(limited.fwd_mask_info.block_mask)[0],
+                                [[2, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(limited.fwd_mask_info.data_next)[0],
+                                [[0, 1, 1, 1, 1]])
+
+
 @pytest.fixture(scope="module")
 def tiny():
   # 12 x 12 latents -> 36 tokens a frame; 6 frames -> 216 tokens (two 128-blocks, padded tail).

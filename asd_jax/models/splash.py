@@ -8,8 +8,9 @@ Every attention the DiT runs goes through `splash_attention(q, k, v, ...)`:
   few blocks that straddle a chunk boundary load a mask tile;
 - the cached chunk of `forward_chunk` (`kv_lengths`): the queries of one chunk against the KV cache,
   whose valid length is only known at run time (the sampler's frame offset is traced). The keys
-  past the length get another segment id than the queries, so the kernel masks them in registers;
-  nothing of size [T, S] is ever built.
+  past the length get another segment id than the queries, so the kernel masks them in registers,
+  and the key blocks past the longest row are skipped (their block table entries are made at run
+  time from the length): a cache filled to a third costs a third. Nothing of size [T, S] is built.
 
 Sequences are padded up to the kernel's block size (32,760 tokens -> 32,768): padded keys are
 outside the static mask (their blocks are skipped, their columns masked) and padded queries are
@@ -34,7 +35,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["splash_attention", "pick_block", "PrefixChunkMask"]
+__all__ = ["splash_attention", "pick_block", "PrefixChunkMask", "limit_kv_blocks"]
 
 # Block sizes tried for a sequence, largest first; the one that pads least wins (ties: the larger).
 BLOCK_CHOICES = (512, 256, 128)
@@ -98,6 +99,32 @@ def _kernel(heads: int, q_len: int, kv_len: int, kv_valid: int, chunk_tokens: in
                             interpret=interpret)
 
 
+def limit_kv_blocks(kernel: sk.SplashAttentionKernel, kv_length: jax.Array,
+                    block_kv: int) -> sk.SplashAttentionKernel:
+  """The kernel with the key blocks from `kv_length` (traced) on skipped in its forward pass.
+
+  The static block tables say which blocks run; here every block that holds no key below the
+  length is marked empty and points its prefetch at the last live block, so the kernel neither
+  loads nor computes it (a KV cache filled to a third costs a third). Element-level masking
+  within the last live block is left to the caller (segment ids).
+  """
+  info = kernel.fwd_mask_info
+  blocks = info.block_mask.shape[-1]
+  live_count = jnp.clip((kv_length + block_kv - 1) // block_kv, 1, blocks).astype(jnp.int32)
+  live = jnp.arange(blocks, dtype=jnp.int32) < live_count  # [kv blocks]
+
+  def clamp(table):  # entries of dead blocks repeat the last live block's
+    last = jax.lax.dynamic_slice_in_dim(table, live_count - 1, 1, axis=-1)
+    return jnp.where(live, table, last).astype(table.dtype)
+
+  info = info._replace(
+      block_mask=jnp.where(live, info.block_mask, 0).astype(info.block_mask.dtype),
+      data_next=clamp(info.data_next),
+      mask_next=None if info.mask_next is None else clamp(info.mask_next))
+  return sk.SplashAttentionKernel(info, kernel.dq_mask_info, kernel.dkv_mask_info,
+                                  **kernel.kwargs)
+
+
 def _local(q, k, v, kv_lengths, *, chunk_tokens: int, interpret: bool):
   """The kernel on unsharded (or per-shard) arrays: q [B, T, N, D], k, v [B, S, N, D]."""
   B, T, N, D = q.shape
@@ -119,7 +146,9 @@ def _local(q, k, v, kv_lengths, *, chunk_tokens: int, interpret: bool):
   if kv_lengths is None:
     out = jax.vmap(kernel)(qh, kh, vh)
   else:
-    # Keys past the length get segment 1, queries segment 0: masked in the kernel, per batch row.
+    # Key blocks past the longest row are skipped; within it, keys past each row's length get
+    # segment 1, queries segment 0: masked in the kernel, per batch row.
+    kernel = limit_kv_blocks(kernel, jnp.max(kv_lengths), block_kv)
     q_seg = jnp.zeros((B, Tp), jnp.int32)
     kv_seg = (jnp.arange(Sp, dtype=jnp.int32)[None, :]
               >= kv_lengths.astype(jnp.int32)[:, None]).astype(jnp.int32)
