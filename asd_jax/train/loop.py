@@ -10,30 +10,26 @@ steps are jitted once with in/out shardings and state donation; checkpoints are 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from asd_jax.diffusion import validate_timesteps, warp_timesteps
+from asd_jax.diffusion import validate_timesteps
 from asd_jax.models import disc, wan
 from asd_jax.train import sharding as shd
 from asd_jax.train.checkpoint import Checkpointer
 from asd_jax.train.data import make_source
 from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
-from asd_jax.train.state import TrainState, init_state, make_optimizer
-from asd_jax.train.steps import (StepConfig, make_ode_step, make_pretrain_step, make_steps,
-                                 run_cycle)
+from asd_jax.train.programs import ANALYTIC, build_programs, heads_logical, wan_config
+from asd_jax.train.state import TrainState
+from asd_jax.train.steps import run_cycle
 
 STAGES = ("pretrain", "ode_init", "dmd", "asd")
-ANALYTIC = "analytic"  # models.teacher.preset of the toy world's exact teacher
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -67,7 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if (F, H, W) != world_shape:
       raise ValueError(f"latent {(F, H, W)} differs from the toy world's {world_shape}.")
   names = ("student", "critic") if analytic else ("student", "teacher", "critic")
-  models = {name: _wan_config(c.models[name], c.dtype, c.remat) for name in names}
+  models = {name: wan_config(c.models[name], c.dtype, c.remat) for name in names}
   if c.data.toy:
     for name, cfg in models.items():
       if (cfg.in_channels, cfg.out_channels, cfg.text_dim) != (c.toy.channels, c.toy.channels,
@@ -92,12 +88,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise FileNotFoundError(f"init.{name} = {path} is not a directory (a converted model).")
 
 
-def _wan_config(spec: ml_collections.ConfigDict, dtype: str, remat: str) -> wan.WanConfig:
-  spec = dict(spec)
-  preset = spec.pop("preset")
-  return wan.WanConfig.preset(preset, dtype=dtype, remat_policy=remat, **spec)
-
-
 def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
   """Params of a converted directory (read straight into shards) or a random init (sharded)."""
   logical = wan.logical_axes(cfg)
@@ -120,15 +110,6 @@ def toy_world(config: ml_collections.ConfigDict):
     return None
   from asd_jax.toy.world import ToyConfig, ToyWorld  # pylint: disable=g-import-not-at-top
   return ToyWorld(ToyConfig(**config.toy.to_dict()))
-
-
-def _teacher(c: ml_collections.ConfigDict, world, key, mesh, rules):
-  """(module, params) of the frozen teacher: a Wan DiT, or the toy world's exact velocity."""
-  if c.models.teacher.preset == ANALYTIC:
-    from asd_jax.toy.teacher import AnalyticTeacher  # pylint: disable=g-import-not-at-top
-    return AnalyticTeacher(world), {}
-  cfg = _wan_config(c.models.teacher, c.dtype, c.remat)
-  return wan.WanModel(cfg), _params_or_init(c.init.teacher, cfg, key, mesh, rules)
 
 
 def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: dict) -> Path:
@@ -168,94 +149,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   key = jax.random.key(c.seed)
   k_gen, k_critic, k_teacher, k_heads, k_run = jax.random.split(key, 5)
 
-  student_cfg = _wan_config(c.models.student, c.dtype, c.remat)
-  timesteps = warp_timesteps(c.timesteps, c.shift)
-  latent = (c.latent.frames, c.latent.height, c.latent.width, student_cfg.in_channels)
-  gen_tx = make_optimizer(c.optim.gen_lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                          weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm)
-  critic_tx = make_optimizer(c.optim.critic_lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                             weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm)
-  heads_tx = make_optimizer(c.optim.heads_lr or c.optim.critic_lr, b1=c.optim.b1, b2=c.optim.b2,
-                            eps=c.optim.eps, weight_decay=c.optim.weight_decay,
-                            clip_norm=c.optim.clip_norm)
-
   with jax.set_mesh(mesh):
+    progs = build_programs(c, mesh, rules, world=world)
     distill = c.stage in ("dmd", "asd")
-    use_heads = c.stage == "asd"
-    critic_cfg = _wan_config(c.models.critic, c.dtype, c.remat) if distill else student_cfg
-    heads_cfg = disc.DiscConfig(dim=critic_cfg.dim, taps=tuple(c.asd.taps),
-                                num_queries=c.asd.num_queries, num_heads=critic_cfg.num_heads,
-                                mlp_dim=c.asd.mlp_dim, num_logits=len(timesteps) - 1)
-
-    def make_state(rng, generator, critic, heads):
-      return init_state(generator, critic, heads, gen_tx=gen_tx, critic_tx=critic_tx,
-                        heads_tx=heads_tx, rng=rng)
-
-    abstract_nets = (wan.abstract_params(student_cfg),
-                     wan.abstract_params(critic_cfg) if distill else {},
-                     jax.eval_shape(lambda: disc.init_heads(heads_cfg, k_heads))
-                     if use_heads else {})
-    abstract = jax.eval_shape(make_state, k_run, *abstract_nets)
-    state_logical = _state_logical(abstract, gen_tx, critic_tx, heads_tx,
-                                   wan.logical_axes(student_cfg),
-                                   wan.logical_axes(critic_cfg) if distill else {},
-                                   _heads_logical(heads_cfg) if use_heads else {})
-    state_shardings = shd.logical_to_shardings(state_logical, mesh, rules, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_shardings)
-
     ckpt = Checkpointer(workdir / "checkpoints", save_interval_steps=c.checkpoint.every,
                         max_to_keep=c.checkpoint.keep)
     start = ckpt.latest_step()
     guard = NonFiniteGuard(c.max_nonfinite)
     if start is None:  # a fresh run: weights read (or drawn) straight into their shards
-      generator = _params_or_init(c.init.student, student_cfg, k_gen, mesh, rules)
-      critic_params = (_params_or_init(c.init.critic or c.init.teacher, critic_cfg, k_critic,
-                                       mesh, rules) if distill else {})
-      heads_params = (shd.shard_init(lambda k: disc.init_heads(heads_cfg, k), mesh,
-                                     _heads_logical(heads_cfg), rules, args=(k_heads,))
-                      if use_heads else {})
-      state = jax.jit(make_state, out_shardings=state_shardings)(k_run, generator, critic_params,
-                                                                 heads_params)
+      generator = _params_or_init(c.init.student, progs.student_cfg, k_gen, mesh, rules)
+      critic_params = (_params_or_init(c.init.critic or c.init.teacher, progs.critic_cfg,
+                                       k_critic, mesh, rules) if distill else {})
+      heads_params = (shd.shard_init(lambda k: disc.init_heads(progs.heads_cfg, k), mesh,
+                                     heads_logical(progs.heads_cfg), rules, args=(k_heads,))
+                      if progs.heads_cfg is not None else {})
+      state = progs.init(k_run, generator, critic_params, heads_params)
       del generator, critic_params, heads_params  # the state holds copies
       start = 0
     else:  # resuming: the checkpoint has every trained network, no weights are read
-      state, meta = ckpt.restore(abstract)
+      state, meta = ckpt.restore(progs.state)
       guard.load_state(meta.get("guard", {}))
-    if c.stage == "pretrain":  # no teacher: the data is the target
-      teacher, teacher_params = None, {}
-    else:
-      teacher, teacher_params = _teacher(c, world, k_teacher, mesh, rules)
+    teacher_params = ({} if progs.teacher_cfg is None else
+                      _params_or_init(c.init.teacher, progs.teacher_cfg, k_teacher, mesh, rules))
+    source = make_source(c, teacher=progs.teacher, teacher_params=teacher_params,
+                         timesteps=progs.timesteps, latent=progs.latent, world=world)
+    # The teacher stays resident; every step takes it as its first argument.
+    jitted = {name: functools.partial(fn, teacher_params) for name, fn in progs.steps.items()}
 
-    student = wan.WanModel(student_cfg)
-    if distill:
-      steps = make_steps(
-          generator=student, critic=wan.WanModel(critic_cfg), teacher=teacher,
-          teacher_params=teacher_params, heads=disc.DiscHeads(heads_cfg) if use_heads else None,
-          gen_tx=gen_tx, critic_tx=critic_tx, heads_tx=heads_tx,
-          cfg=StepConfig(timesteps=timesteps, latent_shape=latent, chunk_frames=c.chunk_frames,
-                         alpha=c.asd.alpha, guidance=c.dmd.guidance, shift=c.shift,
-                         t_min=c.dmd.t_min, t_max=c.dmd.t_max, r_lambda=c.asd.r_lambda,
-                         r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start))
-    elif c.stage == "pretrain":
-      steps = {"generator": make_pretrain_step(
-          model=student, tx=gen_tx, shift=c.pretrain.shift, t_min=c.pretrain.t_min,
-          t_max=c.pretrain.t_max, cfg_dropout=c.pretrain.cfg_dropout, ema_decay=c.ema.decay,
-          ema_start=c.ema.start)}
-    else:
-      steps = {"generator": make_ode_step(student=student, tx=gen_tx, timesteps=timesteps,
-                                          chunk_frames=c.chunk_frames)}
-    source = make_source(c, teacher=teacher, teacher_params=teacher_params,
-                         timesteps=timesteps, latent=latent, world=world)
-    batch_shard = shd.batch_sharding(mesh, rules)
-    replicated = NamedSharding(mesh, P())
-    jitted = {}
-    for name, fn in steps.items():
-      extra = () if name == "generator" else (replicated,)
-      jitted[name] = jax.jit(fn, in_shardings=(state_shardings, batch_shard) + extra,
-                             out_shardings=(state_shardings, replicated), donate_argnums=0)
-
-    ratio = tuple(int(r) for r in c.update_ratio) if distill else (1, 0, 0)
+    ratio = progs.ratio
     per_cycle = sum(ratio)
     # Records are numbered by the step they complete: this run writes from start + 1 on (any
     # written after the checkpoint by a killed run are dropped).
@@ -289,24 +210,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
       writer.close()
       ckpt.close()
     if step >= c.total_steps and c.export:
-      export_generator(state.generator_ema, student_cfg, workdir / "export",
+      export_generator(state.generator_ema, progs.student_cfg, workdir / "export",
                        {"stage": c.stage, "step": int(step), "workdir": str(workdir)})
   return state
-
-
-def _heads_logical(cfg: disc.DiscConfig) -> Any:
-  boxed = jax.eval_shape(lambda: disc.DiscHeads(cfg).init(
-      jax.random.key(0), jnp.zeros((len(cfg.taps), 1, 2, cfg.dim))))
-  return nn.get_partition_spec(boxed)["params"]
-
-
-def _state_logical(abstract: TrainState, gen_tx, critic_tx, heads_tx, gen_logical,
-                   critic_logical, heads_logical) -> TrainState:
-  return TrainState(
-      step=P(), generator=gen_logical, generator_ema=gen_logical, critic=critic_logical,
-      heads=heads_logical,
-      gen_opt=shd.opt_state_logical(gen_tx, abstract.gen_opt, gen_logical),
-      critic_opt=shd.opt_state_logical(critic_tx, abstract.critic_opt, critic_logical),
-      heads_opt=shd.opt_state_logical(heads_tx, abstract.heads_opt, heads_logical),
-      rng=P(), skipped=P())
-
