@@ -40,6 +40,8 @@ setup(
             "psutil",
             "libtpu",  # compiles for TPU targets from a CPU (asd_jax.targets)
         ],
+        # Compiles for TPU targets from any machine (asd_jax.targets, python -m asd_jax.plan).
+        "tpu": ["libtpu"],
         # Compiles for NVIDIA GPU targets from a machine without a GPU (asd_jax.targets): jax's CUDA
         # plugin with ptxas and cuDNN, about 4.9 GB installed. Match the installed jax's version.
         "aot-gpu": ["jax[cuda12]"],

@@ -117,12 +117,28 @@ def resolve_parts(args: argparse.Namespace) -> dict[str, Path]:
   return out
 
 
+def make_sampler(dit: Any, req: Request, *, cache_frames: int | None = None,
+                 sink_frames: int = 0, on_chunk=None):
+  """The jitted chunk sampler: `sampler(params, context [B, L, D], noise [B, F, h, w, C], rng)`
+  -> latents like noise (what `run` calls; `python -m asd_jax.plan --sample` compiles it)."""
+  return jax.jit(lambda p, c, z, r: generate(
+      dit, p, c, z, first_chunk_timesteps=req.first, later_chunk_timesteps=req.later,
+      chunk_frames=CHUNK_FRAMES, rng=r, cache_frames=cache_frames, sink_frames=sink_frames,
+      on_chunk=on_chunk))
+
+
+def make_decoder(vae_module: Any):
+  """The jitted streaming decode of one chunk: `step(params, state, latents [B, k, h, w, z])`
+  -> (frames [B, 4k (4k - 3 for the first chunk), H, W, 3], the next state)."""
+  return jax.jit(lambda p, s, z: vae_module.apply({"params": p}, s, z, method="decode_chunk"))
+
+
 def decode_stream(vae_module: Any, vae_params: Any, latents: jax.Array,
                   chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
   """Streaming decode: yields uint8 frames [n, H, W, 3] chunk by chunk (latents [1, F, h, w, z])."""
   B, F, h, w, _ = latents.shape
   state = vae_module.init_decode_state(B, h, w)
-  step = jax.jit(lambda p, s, z: vae_module.apply({"params": p}, s, z, method="decode_chunk"))
+  step = make_decoder(vae_module)
   for start in range(0, F, chunk_frames):
     frames, state = step(vae_params, state, latents[:, start:start + chunk_frames])
     yield np.asarray(jnp.round((frames[0] + 1.0) * 127.5).astype(jnp.uint8))
@@ -185,10 +201,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if bar is not None:
       bar.update(1)
 
-  sampler = jax.jit(lambda p, c, z, r: generate(
-      dit, p, c, z, first_chunk_timesteps=req.first, later_chunk_timesteps=req.later,
-      chunk_frames=CHUNK_FRAMES, rng=r, cache_frames=args.cache_frames,
-      sink_frames=args.sink_frames, on_chunk=on_chunk))
+  sampler = make_sampler(dit, req, cache_frames=args.cache_frames, sink_frames=args.sink_frames,
+                         on_chunk=on_chunk)
   written = []
   for i, (prompt, out) in enumerate(zip(req.prompts, req.outputs)):
     key = jax.random.fold_in(jax.random.key(args.seed), i)

@@ -10,9 +10,9 @@ What is timed:
 - "cached_chunk" (JAX only; diffusers has no KV cache): the causal forward of that chunk against a
   KV cache of `--cache_frames` latent frames, all filled (the last chunk of a video: the most work).
 
-FLOP convention (matmul FLOPs, 2 per multiply-add; softmax, norms and elementwise ops not counted):
-per block, self-attention projections 8*T*D^2, cross-attention q/o 4*T*D^2 and k/v 4*L*D^2 on the
-L=512 text tokens, FFN 4*T*D*F, self-attention scores and values 4*T*S*D (S = keys attended),
+FLOP convention (`asd_jax.plan.flops`: matmul FLOPs, 2 per multiply-add; softmax, norms and
+elementwise ops not counted): per block, self-attention projections 8*T*D^2, cross-attention q/o
+4*T*D^2 and k/v 4*L*D^2 on the L=512 text tokens, FFN 4*T*D*F, self-attention scores and values 4*T*S*D (S = keys attended),
 cross-attention 4*T*L*D; plus the text embedding 2*L*(text_dim*D + D^2), the time MLP and head.
 
 On CPU the defaults use the real 1.3B architecture at a reduced size (3 latent frames of 16x26,
@@ -42,16 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from asd_jax.models import wan  # noqa: E402
-
-
-def forward_flops(cfg: wan.WanConfig, batch: int, tokens: int, keys: int, text_len: int) -> float:
-  """Matmul FLOPs of one forward (see the module docstring for the convention)."""
-  D, F, L = cfg.dim, cfg.ffn_dim, text_len
-  per_block = (8 * tokens * D * D + 4 * tokens * D * D + 4 * L * D * D + 4 * tokens * D * F +
-               4 * tokens * keys * D + 4 * tokens * L * D)
-  embed = (2 * L * (cfg.text_dim * D + D * D) + 2 * tokens * cfg.in_channels * cfg.patch_volume * D
-           + 2 * tokens * D * cfg.out_channels * cfg.patch_volume)
-  return float(batch * (cfg.num_layers * per_block + embed))
+from asd_jax.plan.flops import forward_flops  # noqa: E402
 
 
 def timeit(fn, warmup: int, repeats: int) -> list[float]:

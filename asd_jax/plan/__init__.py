@@ -1,0 +1,330 @@
+"""Does a config fit its accelerator? Every program it runs, compiled for a target not attached.
+
+  python -m asd_jax.plan --config=configs/asd.py --target=v5p-8 [--json=plan.json] [--sample]
+
+The programs are the ones the trainer and the sampler run, built by the same functions
+(`asd_jax.train.programs.build_programs`, `asd_jax.sample.make_sampler` / `make_decoder`), with the
+config's shapes, dtypes, shardings and donation, over a mesh of the target's compile-only devices
+(`asd_jax.targets`); their inputs are ShapeDtypeStructs, so nothing of real size is allocated.
+For each program, per device: argument, output, alias (donated), temporary and total bytes
+against the device's memory, the analytic FLOPs (`asd_jax.plan.flops`) and, on TPU, XLA's FLOPs and
+estimated seconds. A program the TPU compiler refuses for memory does not fit (its message is kept).
+Everything here can be called from Python: `plan_training`, `plan_sampler`, `report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from asd_jax import targets
+from asd_jax.plan import flops as fl
+
+GB = 1e9
+NOTES = (
+    "Bytes are XLA's memory analysis of the compiled program, per device: total = argument + "
+    "output - alias (donated buffers reused) + temporaries; the program's code is not included.",
+    "XLA FLOPs and seconds are XLA's cost model (TPU only), not a measurement. It counts a loop "
+    "body once whatever its trip count (the scanned layer stack, the chunk scan, the rollout's "
+    "no-gradient loop), so for scanned programs they are lower bounds, and it prices a Pallas "
+    "kernel (splash attention) at about zero.",
+    "Analytic FLOPs: matmul FLOPs of every DiT forward the program must run (2 per multiply-add, "
+    "backward = 2x forward, no remat); training steps are expectations over their random exit "
+    "index; see asd_jax/plan/flops.py.",
+    "GPU: jax preallocates 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says "
+    "otherwise; the verdict is against the whole memory the driver reports.",
+)
+
+
+class BadInput(ValueError):
+  """An unknown target, a mesh that does not match it, or a config that cannot work."""
+
+
+@dataclasses.dataclass
+class Entry:
+  """One compiled program's figures (bytes per device; FLOPs per program, all devices)."""
+  name: str
+  fits: bool
+  memory: dict[str, int] = dataclasses.field(default_factory=dict)
+  hbm: int = 0
+  analytic_flops: float | None = None
+  xla_flops: float | None = None  # per device, XLA's cost model
+  xla_seconds: float | None = None  # XLA's estimate of the program's time
+  xla_share_of_peak: float | None = None  # xla_flops / xla_seconds / peak
+  compile_seconds: float = 0.0
+  error: str | None = None  # the compiler's refusal (out of memory) or another failure
+
+  @property
+  def headroom(self) -> int | None:
+    return self.hbm - self.memory["total"] if self.memory else None
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["headroom"] = self.headroom
+    return d
+
+
+def _oom_bytes(message: str) -> int | None:
+  """The memory a refused TPU program asked for ("... temporaries (188.20G) exceeds ...")."""
+  m = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024**" KMGT".index(m.group(2)))
+
+
+def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: targets.Target,
+                    analytic_flops: float | None = None) -> Entry:
+  """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory."""
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  entry = Entry(name=name, fits=False, hbm=target.hbm_bytes_per_device,
+                analytic_flops=analytic_flops)
+  try:
+    with jax.set_mesh(mesh):
+      compiled = fn.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    entry.compile_seconds = time.perf_counter() - t0
+    if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "exceeds" in text:
+      needed = _oom_bytes(text)
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      entry.error = "out of memory: " + " ".join(lines[:2])[:400]
+      if needed:
+        entry.memory = {"temp": needed, "total": needed}
+      return entry
+    entry.error = f"{type(e).__name__}: {text.splitlines()[0][:400] if text else ''}"
+    return entry
+  entry.compile_seconds = time.perf_counter() - t0
+  stats = targets.compile_stats(compiled)
+  entry.memory = {k: int(stats[k]) for k in ("argument", "output", "alias", "temp", "total",
+                                             "generated_code")}
+  entry.fits = entry.memory["total"] <= entry.hbm
+  entry.xla_flops, entry.xla_seconds = stats.get("flops"), stats.get("optimal_seconds")
+  if entry.xla_seconds is not None and entry.xla_seconds <= 0:
+    entry.xla_seconds = None  # no estimate (XLA reports a negative time for some programs)
+  if entry.xla_flops and entry.xla_seconds:
+    peak = target.peak_bf16_flops_per_device
+    entry.xla_share_of_peak = entry.xla_flops / entry.xla_seconds / peak
+  return entry
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def resolve(config, target_name: str, memory_fraction: float = 1.0):
+  """Checks the target, the config and the mesh before anything compiles.
+
+  memory_fraction: the share of each device's memory the plan may use (the target's
+  `hbm_bytes_per_device` is scaled by it).
+
+  Returns:
+    (target, mesh, world).
+  Raises:
+    BadInput: with a message that lists the valid choices.
+    RuntimeError: libtpu or the CUDA plugin is missing (the message names the pip command).
+  """
+  from asd_jax.train import loop, sharding as shd  # pylint: disable=g-import-not-at-top
+  try:
+    target = targets.parse(target_name)
+  except ValueError as e:
+    raise BadInput(str(e)) from None
+  if config.stage == "toy":
+    raise BadInput(f"stage 'toy' runs the whole toy pipeline on a CPU; plan one of its stages "
+                   f"instead: stage in {loop.STAGES}.")
+  try:
+    loop.validate(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise BadInput(f"the config fails validation: {e}") from None
+  devices = targets.devices(target)
+  try:
+    mesh = shd.make_mesh(tuple(config.mesh_shape), devices=devices)
+  except ValueError as e:
+    raise BadInput(f"{e} (target {target.name} has {target.num_devices} devices: give "
+                   f"--config.mesh_shape=(data,fsdp,tensor) with that product, or -1 on one "
+                   f"axis)") from None
+  axes = shd.batch_sharding(mesh).spec[0] or ()
+  batch_axes = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  if config.batch_size % batch_axes:
+    raise BadInput(f"batch_size {config.batch_size} is not a multiple of the {batch_axes} devices "
+                   f"the batch is split over (mesh {dict(mesh.shape)}, batch -> data x fsdp); "
+                   f"give --config.batch_size=k*{batch_axes}.")
+  if not 0 < memory_fraction <= 1:
+    raise BadInput(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
+  if memory_fraction != 1:
+    target = dataclasses.replace(
+        target, hbm_bytes_per_device=int(target.hbm_bytes_per_device * memory_fraction))
+  return target, mesh, loop.toy_world(config)
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+def plan_training(config, target: targets.Target, mesh, world=None,
+                  only: Sequence[str] | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+  """Compiles the state's initialisation and every step the config's stage runs."""
+  from asd_jax.train.programs import build_programs  # pylint: disable=g-import-not-at-top
+  c = config
+  progs = build_programs(c, mesh, world=world)
+  names = {"generator": {"ode_init": "ode_regression", "pretrain": "pretrain"}.get(c.stage,
+                                                                                    "generator"),
+           "critic": "critic", "disc": "discriminator"}
+  kw = dict(stage=c.stage, student=progs.student_cfg, critic=progs.critic_cfg,
+            teacher=progs.teacher_cfg, taps=tuple(c.asd.taps), batch=c.batch_size,
+            latent=progs.latent, chunk_frames=c.chunk_frames,
+            num_timesteps=len(progs.timesteps), text_len=c.data.text_len, alpha=c.asd.alpha)
+  jobs = [("state_init", progs.init, progs.args["init"], 0.0)]
+  for key, fn in progs.steps.items():
+    jobs.append((names[key], fn, progs.args[key], fl.step_flops(key, **kw)))
+  out = []
+  for name, fn, args, flops in jobs:
+    if only and name not in only:
+      continue
+    log(f"compiling {name} ...")
+    out.append(compile_program(name, fn, args, mesh, target, flops))
+    log(f"  {_line(out[-1])}")
+  return out
+
+
+def sample_request(argv: Sequence[str] = ()):
+  """The sample CLI's request (schedules, sizes) for its flags `argv` (its defaults otherwise)."""
+  from asd_jax import sample  # pylint: disable=g-import-not-at-top
+  args = sample.parser().parse_args(["--prompt=plan", *argv])
+  return args, sample.plan(args)
+
+
+def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str] = (),
+                 param_dtype: str = "float32", only: Sequence[str] | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+  """Compiles the chunk sampler of the config's student and the streaming decode of one chunk.
+
+  The generator is the student's architecture as `python -m asd_jax.sample` loads it (compute
+  dtype --dtype, params stored as `param_dtype`: float32 unless converted otherwise); the VAE is
+  the Wan 2.1 VAE; batch 1, everything replicated over the mesh (the sampler runs on one device).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from asd_jax import sample  # pylint: disable=g-import-not-at-top
+  from asd_jax.models import vae as vae_lib, wan  # pylint: disable=g-import-not-at-top
+  from asd_jax.train.programs import wan_config  # pylint: disable=g-import-not-at-top
+  args, req = sample_request(sample_argv)
+  cfg = wan_config(config.models.student, args.dtype, "none").replace(param_dtype=param_dtype)
+  rep = NamedSharding(mesh, P())
+
+  def abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), tree)
+
+  F, (h, w) = req.latent_frames, req.latent_hw
+  text_len = config.data.text_len
+  dit = wan.WanModel(cfg)
+  sampler = sample.make_sampler(dit, req, cache_frames=args.cache_frames,
+                                sink_frames=args.sink_frames, on_chunk=lambda _: None)
+  sampler_args = (abstract(wan.abstract_params(cfg)),
+                  jax.ShapeDtypeStruct((1, text_len, cfg.text_dim), jnp.float32, sharding=rep),
+                  jax.ShapeDtypeStruct((1, F, h, w, cfg.in_channels), jnp.float32, sharding=rep),
+                  abstract(jax.eval_shape(lambda: jax.random.key(0))))
+  n = F // sample.CHUNK_FRAMES
+  steps = [len(req.first)] + [len(req.later)] * (n - 1)
+  analytic = fl.generation_flops(cfg, 1, (F, h, w), sample.CHUNK_FRAMES, steps, text_len,
+                                 refill_last=False, cache_frames=args.cache_frames)
+  vcfg = vae_lib.VAEConfig(dtype=args.dtype, param_dtype=param_dtype)
+  vae = vae_lib.WanVAE(vcfg)
+  decoder = sample.make_decoder(vae)
+  state0 = vae.init_decode_state(1, h, w)
+  chunk = jax.ShapeDtypeStruct((1, sample.CHUNK_FRAMES, h, w, vcfg.z_dim), jnp.float32,
+                               sharding=rep)
+  vae_params = abstract(vae_lib.abstract_params(vcfg))
+  # The first chunk takes its own path (4k - 3 frames); later chunks carry the caches.
+  later_state = jax.eval_shape(lambda p, s, z: vae.apply({"params": p}, s, z,
+                                                         method="decode_chunk")[1],
+                               vae_params, state0, chunk)
+  jobs = [("sampler", sampler, sampler_args, analytic),
+          ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
+          ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
+  out = []
+  for name, fn, fn_args, flops in jobs:
+    if only and name not in only:
+      continue
+    log(f"compiling {name} ...")
+    out.append(compile_program(name, fn, fn_args, mesh, target, flops))
+    log(f"  {_line(out[-1])}")
+  return out
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _gb(x: float | None) -> str:
+  return "-" if x is None else f"{x / GB:.2f}"
+
+
+def _line(e: Entry) -> str:
+  m = e.memory
+  verdict = "fits" if e.fits else ("DOES NOT FIT" if e.error is None or
+                                   e.error.startswith("out of memory") else "ERROR")
+  return (f"{e.name}: {verdict}, total {_gb(m.get('total'))} GB of {_gb(e.hbm)} GB, temp "
+          f"{_gb(m.get('temp'))} GB ({e.compile_seconds:.0f} s to compile)")
+
+
+def table(entries: Sequence[Entry], target: targets.Target) -> str:
+  """A fixed-width table of the entries (GB = 1e9 bytes, per device)."""
+  head = ("program", "arg GB", "out GB", "alias GB", "temp GB", "total GB", "headroom", "verdict",
+          "analytic TF", "XLA TF/dev", "XLA s", "XLA %peak")
+  rows = []
+  for e in entries:
+    m = e.memory
+    verdict = ("fits" if e.fits else "DOES NOT FIT" if e.error is None or
+               e.error.startswith("out of memory") else "ERROR")
+    rows.append((e.name, _gb(m.get("argument")), _gb(m.get("output")), _gb(m.get("alias")),
+                 _gb(m.get("temp")), _gb(m.get("total")), _gb(e.headroom), verdict,
+                 "-" if e.analytic_flops is None else f"{e.analytic_flops / 1e12:.1f}",
+                 "-" if e.xla_flops is None else f"{e.xla_flops / 1e12:.1f}",
+                 "-" if e.xla_seconds is None else f"{e.xla_seconds:.3g}",
+                 "-" if e.xla_share_of_peak is None else f"{100 * e.xla_share_of_peak:.0f}%"))
+  widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+  fmt = "  ".join(f"{{:<{w}}}" if i == 0 or i == 7 else f"{{:>{w}}}" for i, w in enumerate(widths))
+  lines = [f"target {target.name}: {target.num_devices} x {target.device_kind}, "
+           f"{target.hbm_bytes_per_device / GB:.2f} GB per device", fmt.format(*head)]
+  lines += [fmt.format(*r) for r in rows]
+  lines += [f"  {e.name}: {e.error}" for e in entries if e.error]
+  return "\n".join(lines)
+
+
+def report(entries: Sequence[Entry], target: targets.Target, mesh, config_name: str,
+           extra: dict | None = None) -> dict[str, Any]:
+  """Every figure as a JSON-ready dict."""
+  return {
+      "target": dataclasses.asdict(target),
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "config": config_name,
+      **(extra or {}),
+      "fits": all(e.fits for e in entries),
+      "programs": [e.to_dict() for e in entries],
+      "units": "bytes per device; FLOPs: analytic for the whole program (all devices), XLA's per "
+               "device; seconds: XLA's estimate",
+      "notes": list(NOTES),
+  }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+  """Writes JSON atomically (a temporary file in the same directory, then a rename)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(data, f, indent=1, default=lambda o: np.asarray(o).tolist())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
