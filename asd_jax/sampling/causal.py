@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from asd_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS, x0_from_v
 from asd_jax.diffusion.schedule import validate_timesteps
+from asd_jax.models.wan import split_layers
 
 
 def chunk_key(rng: jax.Array, chunk: jax.Array | int, step: int) -> jax.Array:
@@ -63,7 +64,8 @@ def generate(module: Any,
   """Causal chunked generation with the KV cache.
 
   Args:
-    module, params: a Wan DiT (`asd_jax.models.wan.WanModel`) and its params.
+    module, params: a Wan DiT (`asd_jax.models.wan.WanModel`) and its params, stacked or split
+      per layer (`asd_jax.models.wan.split_layers`; faster with `scan_layers=False`).
     context: [B, L, text_dim] text embeddings.
     noise: [B, F, H, W, C] the initial noise of every chunk (F a multiple of chunk_frames).
     first_chunk_timesteps: schedule of the first chunk, decreasing, in (0, 1000] (e.g. all four
@@ -87,6 +89,10 @@ def generate(module: Any,
                                                sink_frames)
   B, F, H, W, C = noise.shape
   n = F // chunk_frames
+  if not getattr(getattr(module, "config", None), "scan_layers", True):
+    # Unrolled layers read per-layer weights; split here, the stacked weights would be sliced (and
+    # copied) again by every forward. Callers that split once outside (wan.split_layers) skip this.
+    params = split_layers(params)
   variables = {"params": params}
 
   def forward(x, t, cache, offset):
