@@ -238,6 +238,8 @@ def compare_with_reference(args) -> dict:
   params = jax.device_put(params)
   if dtype != "float32":
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+  if not cfg.scan_layers:  # per-layer weights, as `asd_jax.sample` hands them to the sampler
+    params = wan.split_layers(params)
 
   B, F, Hl, Wl, k = 1, args.frames, args.height, args.width, args.chunk_frames
   n = F // k
@@ -354,6 +356,8 @@ def main() -> None:
   params = jax.jit(wan.init_params, static_argnums=0)(cfg, jax.random.key(0))
   if dtype != "float32":  # inference: keep the weights in the compute dtype
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+  if not cfg.scan_layers:
+    params = wan.split_layers(params)
   B, F, Hl, Wl, k = 1, args.frames, args.height, args.width, args.chunk_frames
   k1, k2 = jax.random.split(jax.random.key(1))
   noise = jax.random.normal(k1, (B, F, Hl, Wl, cfg.in_channels))
