@@ -20,6 +20,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -64,6 +65,7 @@ class Entry:
   xla_share_of_peak: float | None = None  # xla_flops / xla_seconds / peak
   compile_seconds: float = 0.0
   error: str | None = None  # the compiler's refusal (out of memory) or another failure
+  error_detail: str | None = None  # its whole message
 
   @property
   def headroom(self) -> int | None:
@@ -83,10 +85,23 @@ def _oom_bytes(message: str) -> int | None:
   return int(float(m.group(1)) * 1024**" KMGT".index(m.group(2)))
 
 
+def argument_bytes(args: Sequence[Any]) -> int:
+  """Bytes of abstract arguments held by the most loaded device, from their shardings."""
+  per_device: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(args):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+      continue
+    shard = sharding.shard_shape(leaf.shape)
+    size = math.prod(shard) * leaf.dtype.itemsize  # a PRNG key's dtype has one too
+    for device in sharding.device_set:
+      per_device[device] = per_device.get(device, 0) + int(size)
+  return max(per_device.values(), default=0)
+
+
 def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: targets.Target,
                     analytic_flops: float | None = None) -> Entry:
   """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory."""
-  import time  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   entry = Entry(name=name, fits=False, hbm=target.hbm_bytes_per_device,
                 analytic_flops=analytic_flops)
@@ -100,10 +115,15 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: 
       needed = _oom_bytes(text)
       lines = [l.strip() for l in text.splitlines() if l.strip()]
       entry.error = "out of memory: " + " ".join(lines[:2])[:400]
+      entry.error_detail = text[:20000]
       if needed:
-        entry.memory = {"temp": needed, "total": needed}
+        # The compiler names the temporaries only; the arguments follow from their shardings.
+        # Outputs are taken as donated into the arguments, so the total is a lower bound.
+        args_bytes = argument_bytes(args)
+        entry.memory = {"argument": args_bytes, "temp": needed, "total": args_bytes + needed}
       return entry
     entry.error = f"{type(e).__name__}: {text.splitlines()[0][:400] if text else ''}"
+    entry.error_detail = text[-20000:]  # the cause is at the end of a traceback
     return entry
   entry.compile_seconds = time.perf_counter() - t0
   stats = targets.compile_stats(compiled)
@@ -187,6 +207,7 @@ def plan_training(config, target: targets.Target, mesh, world=None,
   jobs = [("state_init", progs.init, progs.args["init"], 0.0)]
   for key, fn in progs.steps.items():
     jobs.append((names[key], fn, progs.args[key], fl.step_flops(key, **kw)))
+  _check_only(only, [j[0] for j in jobs])
   out = []
   for name, fn, args, flops in jobs:
     if only and name not in only:
@@ -195,6 +216,12 @@ def plan_training(config, target: targets.Target, mesh, world=None,
     out.append(compile_program(name, fn, args, mesh, target, flops))
     log(f"  {_line(out[-1])}")
   return out
+
+
+def _check_only(only: Sequence[str] | None, names: Sequence[str]) -> None:
+  unknown = sorted(set(only or ()) - set(names))
+  if unknown:
+    raise BadInput(f"--only names {unknown}; this plan's programs are {', '.join(names)}.")
 
 
 def sample_request(argv: Sequence[str] = ()):
@@ -227,8 +254,11 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   F, (h, w) = req.latent_frames, req.latent_hw
   text_len = config.data.text_len
   dit = wan.WanModel(cfg)
+  # The progress callback compiles for a TPU without the device, not for a GPU (jax asks the GPU
+  # client for it): left out there, it moves no data the plan would count.
+  on_chunk = (lambda _: None) if target.platform == "tpu" else None
   sampler = sample.make_sampler(dit, req, cache_frames=args.cache_frames,
-                                sink_frames=args.sink_frames, on_chunk=lambda _: None)
+                                sink_frames=args.sink_frames, on_chunk=on_chunk)
   sampler_args = (abstract(wan.abstract_params(cfg)),
                   jax.ShapeDtypeStruct((1, text_len, cfg.text_dim), jnp.float32, sharding=rep),
                   jax.ShapeDtypeStruct((1, F, h, w, cfg.in_channels), jnp.float32, sharding=rep),
@@ -251,6 +281,7 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   jobs = [("sampler", sampler, sampler_args, analytic),
           ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
           ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
+  _check_only(only, [j[0] for j in jobs])
   out = []
   for name, fn, fn_args, flops in jobs:
     if only and name not in only:

@@ -58,11 +58,14 @@ def main(argv) -> int:
   except (plan.BadInput, RuntimeError, FileNotFoundError, ValueError) as e:
     return _error(str(e))
   only = tuple(_ONLY.value) if _ONLY.value else None
-  if _SAMPLE.value:
-    entries = plan.plan_sampler(config, target, mesh, _sample_argv(),
-                                param_dtype=_PARAM_DTYPE.value, only=only, log=_log)
-  else:
-    entries = plan.plan_training(config, target, mesh, world, only=only, log=_log)
+  try:
+    if _SAMPLE.value:
+      entries = plan.plan_sampler(config, target, mesh, _sample_argv(),
+                                  param_dtype=_PARAM_DTYPE.value, only=only, log=_log)
+    else:
+      entries = plan.plan_training(config, target, mesh, world, only=only, log=_log)
+  except plan.BadInput as e:  # raised before the first compile
+    return _error(str(e))
   config_name = FLAGS["config"].serialize().split("=", 1)[-1]
   print(plan.table(entries, target))
   for note in plan.NOTES:
