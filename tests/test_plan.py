@@ -87,7 +87,7 @@ def test_exit_3_when_a_program_does_not_fit(tmp_path):
     (["--target=v5p-8", "--config.mesh_shape=(3,1,1)"], "4 devices"),
     (["--target=v5p-8", "--config.batch_size=3", "--config.mesh_shape=(2,1,2)"], "multiple"),
     (["--target=v5p-8", "--config.latent.frames=7"], "chunk_frames"),  # fails validation
-    (["--target=v5p-8", "--only=sampler"], "state_init, generator"),
+    (["--target=v5p-8", "--config.batch_size=4", "--only=sampler"], "state_init, generator"),
 ])
 def test_bad_input_exits_2_before_compiling(args, message):
   r = _plan("--config=configs/asd.py:tiny", *args, timeout=120)
