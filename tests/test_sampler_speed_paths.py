@@ -1,4 +1,4 @@
-"""Faster inference paths give the same numbers as the plain ones: per-layer (split) block params."""
+"""Faster inference paths give the numbers of the plain ones: per-layer (split) block params."""
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +72,18 @@ def test_generate_with_split_params_equals_stacked(tiny):
                                    later_chunk_timesteps=sched[:2], chunk_frames=3,
                                    rng=jax.random.key(2)))
   np.testing.assert_allclose(gen(wan.split_layers(params)), gen(params), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [(4, 4), (8, 5), (12, 12), (3, 12), (20, 13), (24, 24)])
+def test_cached_attention_prefix_equals_masked_whole_cache(lengths):
+  from asd_jax.models.attention import attention
+  from asd_jax.models.wan_layers import cached_attention
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(kq, (2, 4, 2, 8))
+  k = jax.random.normal(kk, (2, 24, 2, 8))
+  v = jax.random.normal(kv, (2, 24, 2, 8))
+  lengths = jnp.asarray(lengths, jnp.int32)
+  want = attention(q, k, v, kv_lengths=lengths, impl="xla")
+  got = jax.jit(lambda q, k, v, n: cached_attention(q, k, v, n, granule=8, impl="xla"))(
+      q, k, v, lengths)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
