@@ -103,3 +103,14 @@ def test_gpu_target():
   r = _plan("--config=configs/asd.py:tiny", "--target=h100x1", "--only=state_init")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "\nstate_init " in r.stdout and "H100" in r.stdout
+
+
+def test_gpu_training_steps_on_eight_gpus():
+  """The rollout's cached attention under an 8-GPU mesh: cuDNN runs per shard (its partitioner
+  refused queries and keys sharded differently) and dots compile without autotuning."""
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    pytest.skip('needs jax\'s CUDA plugin for a deviceless GPU compile: pip install -e ".[aot-gpu]"')
+  r = _plan("--config=configs/asd.py:tiny", "--target=h100x8", "--config.batch_size=8",
+            "--config.dtype=bfloat16", "--only=generator,discriminator")
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "\ngenerator " in r.stdout and "\ndiscriminator " in r.stdout

@@ -26,11 +26,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 AttentionFn = Callable[..., jax.Array]
 
 _REGISTRY: dict[str, AttentionFn] = {}
 _BUILT_IN = ("auto", "xla", "cudnn", "splash")
+TENSOR_AXIS = "tensor"
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
@@ -74,6 +76,49 @@ def resolve(impl: str, q: jax.Array, mask: jax.Array | None = None) -> str:
   return "xla"
 
 
+def _mesh_specs(mesh, batch: int, heads: int):
+  """PartitionSpec axes for (batch, heads) over a mesh: batch over the non-tensor axes that divide
+  it (in mesh order), heads over 'tensor' when it divides them."""
+  batch_axes, size = [], 1
+  for name in mesh.axis_names:
+    n = mesh.shape[name]
+    if name == TENSOR_AXIS or n == 1:
+      continue
+    if batch % (size * n) == 0:
+      batch_axes.append(name)
+      size *= n
+  head_axis = None
+  if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1 and (
+      heads % mesh.shape[TENSOR_AXIS] == 0):
+    head_axis = TENSOR_AXIS
+  return (tuple(batch_axes) or None), head_axis
+
+
+def per_shard(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
+              kv_lengths: jax.Array | None) -> jax.Array:
+  """`fn(q, k, v, kv_lengths)` on each device's shard under the mesh in context.
+
+  Kernels that the compiler cannot partition (Mosaic) or partitions only for inputs sharded
+  alike (cuDNN's custom partitioner refuses queries, keys and values sharded differently, as GSPMD
+  may propagate them inside a rollout) run inside `shard_map` with explicit specs: the batch over
+  the mesh axes other than 'tensor' that divide it, the heads over 'tensor' when it divides them,
+  the rest replicated (`[B, T, N, D]` layout, `kv_lengths [B]`). Without a mesh, on a one-device
+  mesh, or already inside a manual region, `fn` is called as it is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not mesh.are_all_axes_auto:
+    return fn(q, k, v, kv_lengths)
+  batch_axes, head_axis = _mesh_specs(mesh, q.shape[0], q.shape[2])
+  spec = P(batch_axes, None, head_axis, None)
+  lengths = kv_lengths if kv_lengths is not None else jnp.zeros((q.shape[0],), jnp.int32)
+
+  def body(qs, ks, vs, ls):
+    return fn(qs, ks, vs, ls if kv_lengths is not None else None)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes)),
+                       out_specs=spec, check_vma=False)(q, k, v, lengths)
+
+
 def _check(impl: str) -> None:
   if impl not in _BUILT_IN and impl not in _REGISTRY:
     raise ValueError(f"Unknown attention implementation '{impl}'; choose one of {available()}.")
@@ -110,6 +155,9 @@ def attention(q: jax.Array,
                        "block_causal_attention, or attention_impl='xla'.")
     from asd_jax.models.splash import splash_attention  # pylint: disable=g-import-not-at-top
     return splash_attention(q, k, v, kv_lengths=kv_lengths)
+  if impl == "cudnn" and mask is None:
+    return per_shard(lambda q, k, v, lengths: jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"), q, k, v, kv_lengths)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
 

@@ -33,13 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-from jax.sharding import PartitionSpec as P
 
 __all__ = ["splash_attention", "pick_block", "PrefixChunkMask", "limit_kv_blocks"]
 
 # Block sizes tried for a sequence, largest first; the one that pads least wins (ties: the larger).
 BLOCK_CHOICES = (512, 256, 128)
-TENSOR_AXIS = "tensor"
 
 
 def pick_block(length: int) -> int:
@@ -157,24 +155,6 @@ def _local(q, k, v, kv_lengths, *, chunk_tokens: int, interpret: bool):
   return out[:, :, :T].swapaxes(1, 2).astype(q.dtype)
 
 
-def _mesh_specs(mesh, batch: int, heads: int):
-  """PartitionSpec axes for (batch, heads) over a mesh: batch over the non-tensor axes that divide
-  it (in mesh order), heads over 'tensor' when it divides them."""
-  batch_axes, size = [], 1
-  for name in mesh.axis_names:
-    n = mesh.shape[name]
-    if name == TENSOR_AXIS or n == 1:
-      continue
-    if batch % (size * n) == 0:
-      batch_axes.append(name)
-      size *= n
-  head_axis = None
-  if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1 and (
-      heads % mesh.shape[TENSOR_AXIS] == 0):
-    head_axis = TENSOR_AXIS
-  return (tuple(batch_axes) or None), head_axis
-
-
 def splash_attention(q: jax.Array,
                      k: jax.Array,
                      v: jax.Array,
@@ -198,16 +178,5 @@ def splash_attention(q: jax.Array,
     from asd_jax.models.attention import target_platform  # pylint: disable=g-import-not-at-top
     interpret = target_platform() != "tpu"
   run = functools.partial(_local, chunk_tokens=int(chunk_tokens), interpret=bool(interpret))
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or not mesh.are_all_axes_auto:
-    # One device, or already inside a manual (shard_map) region: call the kernel directly.
-    return run(q, k, v, kv_lengths)
-  batch_axes, head_axis = _mesh_specs(mesh, q.shape[0], q.shape[2])
-  spec = P(batch_axes, None, head_axis, None)
-  lengths = kv_lengths if kv_lengths is not None else jnp.zeros((q.shape[0],), jnp.int32)
-
-  def body(qs, ks, vs, ls):
-    return run(qs, ks, vs, ls if kv_lengths is not None else None)
-
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, P(batch_axes)),
-                       out_specs=spec, check_vma=False)(q, k, v, lengths)
+  from asd_jax.models.attention import per_shard  # pylint: disable=g-import-not-at-top
+  return per_shard(run, q, k, v, kv_lengths)

@@ -107,7 +107,7 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: 
                 analytic_flops=analytic_flops)
   try:
     with jax.set_mesh(mesh):
-      compiled = fn.lower(*args).compile()
+      compiled = fn.lower(*args).compile(compiler_options=targets.compiler_options(target))
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     entry.compile_seconds = time.perf_counter() - t0
