@@ -123,6 +123,7 @@ def main() -> None:
         {k: v.detach().numpy() for k, v in torch_model.state_dict().items()},
         num_heads=cfg.num_heads)
     params = jax.device_put(params)
+  params = wan.split_layers(params)  # per-layer weights for the unrolled layers (as the sampler)
   module = wan.WanModel(cfg)
 
   # Bidirectional forward on the chunk.
