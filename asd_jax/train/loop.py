@@ -96,7 +96,7 @@ def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
     abstract = wan.abstract_params(cfg)
     shardings = shd.logical_to_shardings(logical, mesh, rules, abstract)
     module, params = pretrained.load(path, shardings=shardings, dtype=cfg.dtype,
-                                     remat_policy=cfg.remat_policy)
+                                     param_dtype=cfg.param_dtype, remat_policy=cfg.remat_policy)
     if any(getattr(module.config, f) != getattr(cfg, f) for f in wan.WanConfig.ARCH_FIELDS):
       raise ValueError(f"{path} holds a {module.config.dim}-wide, {module.config.num_layers}-"
                        f"layer model; the config asks for {cfg.dim} and {cfg.num_layers}.")
