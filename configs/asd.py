@@ -13,4 +13,6 @@ def get_config(arg=None):
   c = base_config("asd")
   c.update_ratio = (1, 4, 1)
   c.asd.alpha = 0.01
+  c.mesh_shape = (1, -1, 1)  # FSDP: the states and the teacher sharded over every device
+  c.device_batch = 1  # one sample a device per forward/backward; the global batch accumulated
   return apply_arg(c, arg)

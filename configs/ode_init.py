@@ -16,4 +16,6 @@ def get_config(arg=None):
   c.asd.alpha = 0.0
   c.optim.b1 = 0.9  # CausVid / Self Forcing ODE regression: betas (0.9, 0.999)
   c.models.teacher.preset = "1.3b"  # the bidirectional model whose trajectories are regressed
+  c.mesh_shape = (1, -1, 1)  # FSDP: the states and the teacher sharded over every device
+  c.device_batch = 1  # one sample a device per forward/backward; the global batch accumulated
   return apply_arg(c, arg)

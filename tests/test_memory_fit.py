@@ -62,3 +62,94 @@ def test_opt_state_logical_without_first_moment():
   assert adam.count == P()
   assert adam.nu == logical
 
+
+def _load(name, arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["asd", "self_forcing", "ode_init"])
+def test_real_configs_store_the_teacher_in_bfloat16(name):
+  from asd_jax.train.programs import wan_config  # pylint: disable=g-import-not-at-top
+  for arg in (None, "teacher=1.3b"):
+    c = _load(name, arg)
+    cfg = wan_config(c.models.teacher, c.dtype, c.remat)
+    assert cfg.param_dtype == "bfloat16" and cfg.dtype == "bfloat16"
+    for net in ("student", "critic"):  # trained networks keep float32 master weights
+      assert wan_config(c.models[net], c.dtype, c.remat).param_dtype == "float32"
+
+
+def test_teacher_dtype_reaches_the_programs():
+  from asd_jax.train.programs import build_programs  # pylint: disable=g-import-not-at-top
+  c = _load("asd", "tiny")
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  for dtype in ("bfloat16", "float32"):
+    c.models.teacher.param_dtype = dtype
+    progs = build_programs(c, mesh)
+    teacher = progs.args["generator"][0]
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(teacher)
+               if "kernel" in jax.tree_util.keystr(path)]
+    assert kernels and {x.dtype for x in kernels} == {jnp.dtype(dtype)}  # (norms stay float32)
+    assert {x.dtype for x in jax.tree.leaves(progs.state.generator)} == {jnp.dtype("float32")}
+
+
+def test_split_microbatches_keeps_each_spread_over_devices():
+  from asd_jax.train.steps import split_microbatches  # pylint: disable=g-import-not-at-top
+  x = jnp.arange(8 * 3).reshape(8, 3)
+  y = split_microbatches(x, 4)
+  assert y.shape == (4, 2, 3)
+  # Two devices hold rows 0-3 and 4-7: every microbatch takes one row from each.
+  np.testing.assert_array_equal(y[:, :, 0] // 3, [[0, 4], [1, 5], [2, 6], [3, 7]])
+  with pytest.raises(ValueError, match="microbatches"):
+    split_microbatches(x, 3)
+
+
+def test_accumulate_equals_the_whole_batch():
+  from asd_jax.train.steps import accumulate  # pylint: disable=g-import-not-at-top
+  params = {"w": jax.random.normal(jax.random.key(0), (5, 3))}
+  batch = {"x": jax.random.normal(jax.random.key(1), (8, 5)),
+           "y": jax.random.normal(jax.random.key(2), (8, 3))}
+
+  def loss_fn(p, b, key):  # a mean over rows; the key's noise is drawn per microbatch
+    del key
+    err = b["x"] @ p["w"] - b["y"]
+    return jnp.mean(err ** 2), {"err": jnp.mean(jnp.abs(err))}
+
+  key = jax.random.key(3)
+  (l1, m1), g1 = accumulate(loss_fn, params, batch, key, 1)
+  (l4, m4), g4 = jax.jit(lambda p, b: accumulate(loss_fn, p, b, key, 4))(params, batch)
+  np.testing.assert_allclose(l4, l1, rtol=1e-6)
+  np.testing.assert_allclose(m4["err"], m1["err"], rtol=1e-6)
+  np.testing.assert_allclose(g4["w"], g1["w"], rtol=1e-5, atol=1e-7)
+  plain = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+  np.testing.assert_array_equal(plain[1]["w"], g1["w"])  # accum = 1 is the plain call
+
+
+def test_accumulation_steps_from_the_config():
+  from asd_jax.train.programs import accum_steps  # pylint: disable=g-import-not-at-top
+  c = _load("asd", "tiny")
+  mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  c.batch_size = 8
+  assert accum_steps(c, mesh) == 1  # device_batch 0: the whole batch at once
+  c.device_batch = 2
+  assert accum_steps(c, mesh) == 4
+  c.device_batch = 3
+  with pytest.raises(ValueError, match="device_batch"):
+    accum_steps(c, mesh)
+
+
+@pytest.mark.parametrize("name", ["asd", "self_forcing", "ode_init"])
+def test_real_configs_shard_fully_and_accumulate(name):
+  c = _load(name)
+  assert tuple(c.mesh_shape) == (1, -1, 1)  # every device on 'fsdp'
+  assert c.device_batch == 1 and c.batch_size == 64
+  assert c.remat == "full"
+  rules = dict(shd.DEFAULT_RULES)
+  assert rules["embed"] == "fsdp" and "fsdp" in rules["batch"]
+  tiny = _load(name, "tiny")  # tiny runs keep the whole batch at once, data parallel
+  assert tiny.device_batch == 0 and tuple(tiny.mesh_shape) == (-1, 1, 1)

@@ -15,6 +15,7 @@ step's memory figures include them. The loop binds them once with `functools.par
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -157,17 +158,24 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
           cfg=StepConfig(timesteps=timesteps, latent_shape=latent, chunk_frames=c.chunk_frames,
                          alpha=c.asd.alpha, guidance=c.dmd.guidance, shift=c.shift,
                          t_min=c.dmd.t_min, t_max=c.dmd.t_max, r_lambda=c.asd.r_lambda,
-                         r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start))
+                         r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start,
+                         accum=accum), micro_sharding=micro_shard)
     if c.stage == "pretrain":
+      if accum > 1:
+        raise ValueError("device_batch (gradient accumulation) is for stages ode_init, dmd and "
+                         "asd; give pretraining device_batch = 0.")
       return {"generator": make_pretrain_step(
           model=student, tx=gen_tx, shift=c.pretrain.shift, t_min=c.pretrain.t_min,
           t_max=c.pretrain.t_max, cfg_dropout=c.pretrain.cfg_dropout, ema_decay=c.ema.decay,
           ema_start=c.ema.start)}
     return {"generator": make_ode_step(student=student, tx=gen_tx, timesteps=timesteps,
-                                       chunk_frames=c.chunk_frames)}
+                                       chunk_frames=c.chunk_frames, accum=accum,
+                                       micro_sharding=micro_shard)}
 
   ratio = tuple(int(r) for r in c.update_ratio) if distill else (1, 0, 0)
   batch_shard = shd.batch_sharding(mesh, rules)
+  accum = accum_steps(c, mesh, rules)
+  micro_shard = NamedSharding(mesh, P(None, *batch_shard.spec))
   replicated = NamedSharding(mesh, P())
   batch = _abstract_batch(c, student_cfg, latent, len(timesteps), world, batch_shard)
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
@@ -193,6 +201,22 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
                   teacher_shardings=teacher_shardings, state=state,
                   state_shardings=state_shardings, net_shardings=net_shardings, init=init,
                   steps=steps, args=args)
+
+
+def accum_steps(config: ml_collections.ConfigDict, mesh: Mesh,
+                rules: Any = shd.DEFAULT_RULES) -> int:
+  """Microbatches per step: batch_size / (device_batch x the devices the batch is split over)."""
+  n = int(config.get("device_batch", 0))
+  if n < 0:
+    raise ValueError(f"device_batch must be >= 0 (0: the whole batch at once), got {n}.")
+  if n == 0:
+    return 1
+  axes = shd.batch_sharding(mesh, rules).spec[0] or ()
+  devices = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  if config.batch_size % (n * devices):
+    raise ValueError(f"batch_size {config.batch_size} is not a multiple of device_batch {n} x the "
+                     f"{devices} devices the batch is split over; change one of them.")
+  return config.batch_size // (n * devices)
 
 
 def _abstract_batch(c: ml_collections.ConfigDict, cfg: wan.WanConfig, latent, num_timesteps: int,

@@ -4,6 +4,11 @@
 plain functions of (state, batch[, index]) to jit once (with shardings and donation) in the loop.
 Randomness: the step's key is fold_in(state.rng, state.step), then fold_in(key, tag) per phase
 (generator 0, critic 1 + j, discriminator 1000 + j), so a resumed run draws the same numbers.
+With `StepConfig.accum` = k > 1 a step splits its batch into k microbatches (row b goes to
+microbatch b mod k, so each stays spread over the devices), runs them one after the other under a
+scan and averages their losses and gradients: one update of the whole batch with the activations
+of B / k samples. The step-level draws (exit index, n) are shared; each microbatch folds its index
+into the other keys.
 A non-finite loss or gradient skips that update (the state keeps its old values bit for bit), counts
 it in `state.skipped`, and reports `nonfinite` = 1 in the metrics.
 
@@ -16,6 +21,7 @@ batch: {'context': [B, L, D], 'neg_context': [B, L, D]} for distillation;
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -46,10 +52,53 @@ class StepConfig:
   r_sigma: float = 0.05
   ema_decay: float = 0.99
   ema_start: int = 200
+  accum: int = 1  # microbatches per step (gradient accumulation); 1: the whole batch at once
 
 
 def _key(state: TrainState, tag: int) -> Array:
   return jax.random.fold_in(jax.random.fold_in(state.rng, state.step), tag)
+
+
+def split_microbatches(x: Array, accum: int, sharding: Any = None) -> Array:
+  """[B, ...] -> [accum, B / accum, ...]; microbatch j holds rows j, j + accum, j + 2 accum, ...
+
+  A batch split over D devices in contiguous blocks (B / D rows each) gives every device
+  B / (D accum) rows of every microbatch when B / accum is a multiple of D. `sharding`, when
+  given, is imposed on the result (its first axis unsplit).
+  """
+  B = x.shape[0]
+  if B % accum:
+    raise ValueError(f"batch of {B} rows cannot be split into {accum} microbatches.")
+  y = jnp.swapaxes(x.reshape((B // accum, accum) + x.shape[1:]), 0, 1)
+  return y if sharding is None else jax.lax.with_sharding_constraint(y, sharding)
+
+
+def accumulate(loss_fn: Callable, params: Any, batch: dict, keys: Any, accum: int,
+               sharding: Any = None) -> tuple[tuple[Array, dict], Any]:
+  """`jax.value_and_grad(loss_fn, has_aux=True)(params, batch, keys)` over `accum` microbatches.
+
+  Each microbatch folds its index into every key of `keys`; the loss, the metrics and the
+  gradients are the microbatches' means (equal to the whole batch's for losses that are means
+  over rows, up to the draws). accum = 1 is exactly the plain call.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, batch, keys)
+  micro = jax.tree.map(lambda x: split_microbatches(x, accum, sharding), batch)
+
+  def body(carry, xs):
+    mb, i = xs
+    (loss, metrics), grads = grad_fn(params, mb, jax.tree.map(
+        lambda k: jax.random.fold_in(k, i), keys))
+    loss_sum, grad_sum = carry
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), metrics
+
+  zeros = (jnp.zeros((), jnp.float32),
+           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  (loss, grads), metrics = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grads, params)
+  metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+  return (loss / accum, metrics), grads
 
 
 def _update(tx, grads, opt_state, params):
@@ -59,8 +108,13 @@ def _update(tx, grads, opt_state, params):
 
 def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any,
                heads: disc.DiscHeads | None, gen_tx, critic_tx, heads_tx,
-               cfg: StepConfig) -> dict[str, Callable]:
-  """The step functions of a distillation run (DMD, with ASD when alpha > 0 and heads given)."""
+               cfg: StepConfig, micro_sharding: Any = None) -> dict[str, Callable]:
+  """The step functions of a distillation run (DMD, with ASD when alpha > 0 and heads given).
+
+  micro_sharding: with cfg.accum > 1, the sharding of the [accum, B / accum, ...] microbatches
+  (see `split_microbatches`), or None to leave it to the compiler.
+  """
+  acc = functools.partial(accumulate, accum=cfg.accum, sharding=micro_sharding)
   N = len(cfg.timesteps)
   noise_shape = cfg.latent_shape
   loss_kw = dict(shift=cfg.shift, t_min=cfg.t_min, t_max=cfg.t_max)
@@ -83,9 +137,10 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
     key = _key(state, GEN_TAG)
     k_exit, k_roll, k_dmd, k_n1, k_asd = jax.random.split(key, 5)
     exit_index = jax.random.randint(k_exit, (), 0, N)
-    ctx, neg = batch["context"], batch["neg_context"]
 
-    def loss_fn(params):
+    def loss_fn(params, batch, keys):
+      k_roll, k_dmd, k_n1, k_asd = keys
+      ctx, neg = batch["context"], batch["neg_context"]
       x = draw(params, ctx, k_roll, exit_index)
       dmd, metrics = losses.dmd_loss(x, ctx, neg, teacher=teacher, teacher_params=teacher_params,
                                      critic=critic, critic_params=state.critic, rng=k_dmd,
@@ -105,7 +160,7 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
       metrics["latent_std"] = jnp.std(x)
       return total, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
+    (loss, metrics), grads = acc(loss_fn, state.generator, batch, (k_roll, k_dmd, k_n1, k_asd))
     new_params, new_opt = _update(gen_tx, grads, state.gen_opt, state.generator)
     ok = all_finite(loss, grads)
     new_params = apply_if(ok, new_params, state.generator)
@@ -122,13 +177,14 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
     key = jax.random.fold_in(_key(state, CRITIC_TAG), index)
     k_exit, k_roll, k_loss = jax.random.split(key, 3)
     exit_index = jax.random.randint(k_exit, (), 0, N)
-    x = jax.lax.stop_gradient(draw(state.generator, batch["context"], k_roll, exit_index))
 
-    def loss_fn(params):
+    def loss_fn(params, batch, keys):
+      k_roll, k_loss = keys
+      x = jax.lax.stop_gradient(draw(state.generator, batch["context"], k_roll, exit_index))
       return losses.critic_loss(x, batch["context"], critic=critic, critic_params=params,
                                 rng=k_loss, **loss_kw)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
+    (loss, metrics), grads = acc(loss_fn, state.critic, batch, (k_roll, k_loss))
     new_params, new_opt = _update(critic_tx, grads, state.critic_opt, state.critic)
     ok = all_finite(loss, grads)
     state = state.replace(critic=apply_if(ok, new_params, state.critic),
@@ -143,16 +199,17 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
     key = jax.random.fold_in(_key(state, DISC_TAG), index)
     k_n, k_a, k_b, k_loss = jax.random.split(key, 4)
     n = jax.random.randint(k_n, (), 1, N)  # D_n for n = 1..N-1
-    ctx = batch["context"]
-    x_n = jax.lax.stop_gradient(draw(state.generator, ctx, k_a, n - 1))
-    x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_b, n))
 
-    def loss_fn(heads_params):
+    def loss_fn(heads_params, batch, keys):
+      k_a, k_b, k_loss = keys
+      ctx = batch["context"]
+      x_n = jax.lax.stop_gradient(draw(state.generator, ctx, k_a, n - 1))
+      x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_b, n))
       return losses.asd_discriminator_loss(disc_fn(state.critic, heads_params, ctx), x_n, x_n1, n,
                                            k_loss, r_lambda=cfg.r_lambda, r_sigma=cfg.r_sigma,
                                            **loss_kw)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.heads)
+    (loss, metrics), grads = acc(loss_fn, state.heads, batch, (k_a, k_b, k_loss))
     new_params, new_opt = _update(heads_tx, grads, state.heads_opt, state.heads)
     ok = all_finite(loss, grads)
     state = state.replace(heads=apply_if(ok, new_params, state.heads),
@@ -166,22 +223,24 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
 
 
 def make_ode_step(*, student: Any, tx, timesteps: tuple[float, ...],
-                  chunk_frames: int = 3) -> Callable:
+                  chunk_frames: int = 3, accum: int = 1, micro_sharding: Any = None) -> Callable:
   """ODE-initialisation step: block-causal regression of the student onto teacher ODE end points.
 
   Uses `state.generator` / `state.gen_opt` (critic and heads are untouched); the EMA slot holds a
-  copy of the generator (ODE initialisation keeps no average).
+  copy of the generator (ODE initialisation keeps no average). accum, micro_sharding: gradient
+  accumulation over microbatches, see `accumulate`.
   """
 
   def ode_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = _key(state, GEN_TAG)
 
-    def loss_fn(params):
+    def loss_fn(params, batch, key):
       return losses.ode_regression_loss(student, params, batch["noisy"], batch["clean"],
                                         jnp.asarray(timesteps, jnp.float32), batch["context"],
                                         key, chunk_frames=chunk_frames)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.generator)
+    (loss, metrics), grads = accumulate(loss_fn, state.generator, batch, key, accum,
+                                        micro_sharding)
     new_params, new_opt = _update(tx, grads, state.gen_opt, state.generator)
     ok = all_finite(loss, grads)
     new_params = apply_if(ok, new_params, state.generator)
