@@ -77,7 +77,7 @@ def test_generate_with_split_params_equals_stacked(tiny):
 @pytest.mark.parametrize("lengths", [(4, 4), (8, 5), (12, 12), (3, 12), (20, 13), (24, 24)])
 def test_cached_attention_prefix_equals_masked_whole_cache(lengths):
   from asd_jax.models.attention import attention
-  from asd_jax.models.wan_layers import cached_attention
+  from asd_jax.models.attention import cached_attention
   kq, kk, kv = jax.random.split(jax.random.key(3), 3)
   q = jax.random.normal(kq, (2, 4, 2, 8))
   k = jax.random.normal(kk, (2, 24, 2, 8))

@@ -17,7 +17,8 @@ Layout is `[B, T, N, D]` for queries and `[B, S, N, D]` for keys and values, as 
 `jax.nn.dot_product_attention`. Masking is given either as a boolean `mask` broadcastable to
 `[B, N, T, S]` (True = attend; XLA only: a dense mask is what a flash kernel avoids) or as
 `kv_lengths [B]` (keys at positions >= length are ignored), which the kernels apply without
-building a mask. Block-causal self-attention has its own entry, `block_causal_attention`.
+building a mask. Block-causal self-attention has its own entry, `block_causal_attention`, and so
+has a chunk's attention to a partly filled KV cache, `cached_attention`.
 """
 
 from __future__ import annotations
@@ -160,6 +161,31 @@ def attention(q: jax.Array,
         q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"), q, k, v, kv_lengths)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, key_value_seq_lengths=kv_lengths, implementation=impl)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     kv_lengths: jax.Array, *, granule: int, impl: str = "auto") -> jax.Array:
+  """A chunk's queries [B, T, N, D] against a cache [B, S, N, D] whose keys [0, kv_lengths) count.
+
+  Flash kernels skip the keys past the length themselves. XLA's attention would compute a score
+  for every key of the cache and mask most of them while the cache fills, so on that path the call
+  goes through a `lax.switch` over static key prefixes (multiples of `granule` tokens, the last
+  one the whole cache): the branch taken attends to the shortest prefix that holds every valid
+  key, and masks the rest of it as before. Same result; while the cache fills, a fraction of the
+  score and value work.
+  """
+  S = k_cache.shape[1]
+  if resolve(impl, q) != "xla" or granule >= S:
+    return attention(q, k_cache, v_cache, kv_lengths=kv_lengths, impl=impl)
+  prefixes = tuple(range(granule, S, granule)) + (S,)
+
+  def branch(prefix):
+    return lambda q, k, v, lengths: attention(q, k[:, :prefix], v[:, :prefix],
+                                              kv_lengths=lengths, impl=impl)
+
+  longest = jnp.max(kv_lengths)
+  index = jnp.sum(jnp.asarray(prefixes[:-1], jnp.int32) < longest)  # first prefix >= longest
+  return jax.lax.switch(index, [branch(p) for p in prefixes], q, k_cache, v_cache, kv_lengths)
 
 
 def block_causal_mask(tokens: int, chunk_tokens: int) -> jax.Array:

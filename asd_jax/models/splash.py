@@ -34,19 +34,21 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+from asd_jax.models.attention import per_shard, target_platform
+
 __all__ = ["splash_attention", "pick_block", "PrefixChunkMask", "limit_kv_blocks"]
 
 # Block sizes tried for a sequence, largest first; the one that pads least wins (ties: the larger).
 BLOCK_CHOICES = (512, 256, 128)
 
 
-def pick_block(length: int) -> int:
-  """The kernel block for a sequence of `length` tokens: the least padding, then the largest."""
-  return min(BLOCK_CHOICES, key=lambda b: (-(-length // b) * b, -b))
-
-
 def _round_up(n: int, b: int) -> int:
   return -(-n // b) * b
+
+
+def pick_block(length: int) -> int:
+  """The kernel block for a sequence of `length` tokens: the least padding, then the largest."""
+  return min(BLOCK_CHOICES, key=lambda b: (_round_up(length, b), -b))
 
 
 class PrefixChunkMask(sm.Mask):
@@ -175,8 +177,6 @@ def splash_attention(q: jax.Array,
     [B, T, N, D] in q's dtype.
   """
   if interpret is None:
-    from asd_jax.models.attention import target_platform  # pylint: disable=g-import-not-at-top
     interpret = target_platform() != "tpu"
   run = functools.partial(_local, chunk_tokens=int(chunk_tokens), interpret=bool(interpret))
-  from asd_jax.models.attention import per_shard  # pylint: disable=g-import-not-at-top
   return per_shard(run, q, k, v, kv_lengths)

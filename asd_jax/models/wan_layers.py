@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asd_jax.models.attention import attention, block_causal_attention, resolve
+from asd_jax.models.attention import attention, block_causal_attention, cached_attention
 from asd_jax.models.wan_config import WanConfig
 
 Array = jax.Array
@@ -350,31 +350,6 @@ def cache_slot(frame: Array, capacity: int, sink: int) -> Array:
   """Cache frame slot of absolute frame `frame`: itself below capacity, then a ring after the sink."""
   ring = capacity - sink
   return jnp.where(frame < capacity, frame, sink + (frame - sink) % ring)
-
-
-def cached_attention(q: Array, k_cache: Array, v_cache: Array, kv_lengths: Array, *, granule: int,
-                     impl: str) -> Array:
-  """A chunk's queries [B, T, N, D] against a cache [B, S, N, D] whose keys [0, kv_lengths) count.
-
-  Flash kernels skip the keys past the length themselves. XLA's attention would compute a score
-  for every key of the cache and mask most of them while the cache fills, so on that path the call
-  goes through a `lax.switch` over static key prefixes (multiples of `granule` tokens, the last
-  one the whole cache): the branch taken attends to the shortest prefix that holds every valid
-  key, and masks the rest of it as before. Same result; while the cache fills, a fraction of the
-  score and value work.
-  """
-  S = k_cache.shape[1]
-  if resolve(impl, q) != "xla" or granule >= S:
-    return attention(q, k_cache, v_cache, kv_lengths=kv_lengths, impl=impl)
-  prefixes = tuple(range(granule, S, granule)) + (S,)
-
-  def branch(prefix):
-    return lambda q, k, v, lengths: attention(q, k[:, :prefix], v[:, :prefix],
-                                              kv_lengths=lengths, impl=impl)
-
-  longest = jnp.max(kv_lengths)
-  index = jnp.sum(jnp.asarray(prefixes[:-1], jnp.int32) < longest)  # first prefix >= longest
-  return jax.lax.switch(index, [branch(p) for p in prefixes], q, k_cache, v_cache, kv_lengths)
 
 
 def write_chunk(k_cache: Array, v_cache: Array, k: Array, v: Array, frame_offset: Array,

@@ -207,6 +207,13 @@ def plan_training(config, target: targets.Target, mesh, world=None,
   jobs = [("state_init", progs.init, progs.args["init"], 0.0)]
   for key, fn in progs.steps.items():
     jobs.append((names[key], fn, progs.args[key], fl.step_flops(key, **kw)))
+  return _compile_jobs(jobs, mesh, target, only, log)
+
+
+def _compile_jobs(jobs: Sequence[tuple[str, Callable, Sequence[Any], float | None]], mesh,
+                  target: targets.Target, only: Sequence[str] | None,
+                  log: Callable[[str], None]) -> list[Entry]:
+  """Compiles each (name, fn, args, analytic FLOPs) job, or only those named in `only`."""
   _check_only(only, [j[0] for j in jobs])
   out = []
   for name, fn, args, flops in jobs:
@@ -281,15 +288,7 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   jobs = [("sampler", sampler, sampler_args, analytic),
           ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
           ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
-  _check_only(only, [j[0] for j in jobs])
-  out = []
-  for name, fn, fn_args, flops in jobs:
-    if only and name not in only:
-      continue
-    log(f"compiling {name} ...")
-    out.append(compile_program(name, fn, fn_args, mesh, target, flops))
-    log(f"  {_line(out[-1])}")
-  return out
+  return _compile_jobs(jobs, mesh, target, only, log)
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -102,7 +102,7 @@ def generate(module: Any,
   def denoise(x, schedule, cache, offset, chunk):
     # Each denoising forward sees the chunk's own K/V inside its layers; the cache it would return
     # (the noisy chunk in its slots) is never needed, since the refill writes the clean chunk over
-    # it. Dropping it lets the compiler skip that whole-cache write: one cache in memory, not two.
+    # it. Dropping it lets the compiler skip that whole-cache write.
     steps = []
     for i, t in enumerate(schedule):
       v, _ = forward(x, t, cache, offset)
