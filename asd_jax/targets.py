@@ -271,6 +271,15 @@ def _prepare_libtpu(target: Target) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def has_cuda_plugin() -> bool:
+  """Whether jax's CUDA plugin is installed (without importing it; False where the `jax_plugins`
+  namespace itself is absent, where find_spec of the dotted name would raise)."""
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _devices(name: str) -> tuple[jax.Device, ...]:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -285,7 +294,7 @@ def _devices(name: str) -> tuple[jax.Device, ...]:
                                         **_tpu_topology_kwargs(kind, grid))
   else:
     install = f'pip install "jax[cuda12]=={jax.__version__}"'
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if not has_cuda_plugin():
       raise RuntimeError(f"target {name} needs jax's CUDA plugin to compile for GPU: {install}")
     quiet_cuda_plugin()
     facts = _GPUS[name.rsplit("x", 1)[0]]

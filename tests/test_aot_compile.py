@@ -7,8 +7,6 @@ materialises scores: the 1.3B cached-chunk forward needs a few GB of temporaries
 attention needed 13.7 GB on a v5p chip (and the 14B forward 188 GB).
 """
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -89,7 +87,7 @@ def test_1p3b_cached_chunk_at_832x480_fits_a_tpu_chip():
 
 
 def test_1p3b_cached_chunk_at_832x480_fits_an_h100():
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if not targets.has_cuda_plugin():
     pytest.skip('needs jax\'s CUDA plugin for a deviceless GPU compile: pip install -e ".[aot-gpu]"')
   compiled = _compile_chunk(_real("1.3b"), _mesh("h100x1"))
   stats = targets.compile_stats(compiled)

@@ -5,7 +5,6 @@ end on the tiny configs: every program listed with its figures, the JSON written
 status 0 (fits), 3 (does not fit) and 2 (bad input, before any compile).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from asd_jax import targets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/asd.py:tiny", "--config.batch_size=2", "--config.mesh_shape=(2,1,2)"]
@@ -98,7 +99,7 @@ def test_bad_input_exits_2_before_compiling(args, message):
 
 
 def test_gpu_target():
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if not targets.has_cuda_plugin():
     pytest.skip('needs jax\'s CUDA plugin for a deviceless GPU compile: pip install -e ".[aot-gpu]"')
   r = _plan("--config=configs/asd.py:tiny", "--target=h100x1", "--only=state_init")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -108,7 +109,7 @@ def test_gpu_target():
 def test_gpu_training_steps_on_eight_gpus():
   """The rollout's cached attention under an 8-GPU mesh: cuDNN runs per shard (its partitioner
   refused queries and keys sharded differently) and dots compile without autotuning."""
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  if not targets.has_cuda_plugin():
     pytest.skip('needs jax\'s CUDA plugin for a deviceless GPU compile: pip install -e ".[aot-gpu]"')
   r = _plan("--config=configs/asd.py:tiny", "--target=h100x8", "--config.batch_size=8",
             "--config.dtype=bfloat16", "--only=generator,discriminator")

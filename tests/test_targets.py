@@ -108,7 +108,7 @@ def test_tpu_compile_counts_donation_as_alias_and_refuses_what_does_not_fit():
 # ---------------------------------------------------------------------------------------------- GPU
 
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not targets.has_cuda_plugin(),
     reason=f'jax\'s CUDA plugin not installed (pip install "jax[cuda12]=={jax.__version__}")')
 
 
