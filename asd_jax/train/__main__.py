@@ -10,8 +10,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "run directory (resume
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every write at INFO
-  from asd_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  train(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if config.stage == "toy":  # the toy pipeline runs every stage through the loop below
+    from asd_jax.toy.pipeline import run  # pylint: disable=g-import-not-at-top
+  else:
+    from asd_jax.train.loop import train as run  # pylint: disable=g-import-not-at-top
+  run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

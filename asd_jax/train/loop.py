@@ -1,7 +1,8 @@
 """The training job: config -> models, data, sharded state -> jitted steps in a resumable loop.
 
-`train(config, workdir)` runs one stage (`pretrain`, `ode_init`, `dmd` or `asd`, see configs/),
-or the whole toy-world pipeline (`toy`: configs/toy.py, `asd_jax.toy.pipeline`). Everything is
+`train(config, workdir)` runs one stage (`pretrain`, `ode_init`, `dmd` or `asd`, see configs/);
+the toy-world pipeline (`toy`: configs/toy.py) stands above it, in `asd_jax.toy.pipeline`, and the
+entry point (`python -m asd_jax.train`) picks between the two. Everything is
 checked before anything compiles; the state is created (or restored) directly in its shards; the
 steps are jitted once with in/out shardings and state donation; checkpoints are written every
 `checkpoint.every` steps, on SIGTERM and at the end; the EMA generator is exported to
@@ -137,8 +138,8 @@ def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: d
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   """Runs the configured stage in `workdir` (resuming from its latest checkpoint)."""
   if config.stage == "toy":
-    from asd_jax.toy.pipeline import run  # pylint: disable=g-import-not-at-top
-    return run(config, workdir)
+    raise ValueError("stage 'toy' is the whole toy-world pipeline: run it with "
+                     "asd_jax.toy.pipeline.run(config, workdir) or python -m asd_jax.train.")
   validate(config)
   c = config
   world = toy_world(c)
