@@ -117,6 +117,40 @@ def resolve_parts(args: argparse.Namespace) -> dict[str, Path]:
   return out
 
 
+@dataclass
+class Models:
+  """The loaded parts: text encoder, DiT and VAE (modules and params)."""
+  encoder: Any
+  dit: Any
+  dit_params: Any
+  vae: Any
+  vae_params: Any
+
+
+def load_models(parts: dict[str, Path], dtype: str) -> Models:
+  """Loads the parts `resolve_parts` found and checks that they belong together (what `run` and
+  `python -m asd_jax.evaluate` sample with)."""
+  from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from asd_jax.text import TextEncoder  # pylint: disable=g-import-not-at-top
+  encoder = TextEncoder.load(parts["umt5"], parts["tokenizer"], dtype=dtype)
+  dit, dit_params = pretrained.load(parts["dit"], dtype=dtype)
+  vae, vae_params = pretrained.load(parts["vae"], dtype=dtype)
+  text_dim = encoder.module.config.d_model
+  if text_dim != dit.config.text_dim:
+    raise ValueError(f"the text encoder gives {text_dim} channels, the DiT expects "
+                     f"text_dim={dit.config.text_dim}: the parts do not belong together.")
+  if vae.config.z_dim != dit.config.in_channels:
+    raise ValueError(f"the VAE has {vae.config.z_dim} latent channels, the DiT "
+                     f"{dit.config.in_channels}: the parts do not belong together.")
+  return Models(encoder, dit, dit_params, vae, vae_params)
+
+
+def video_noise(key: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """(initial noise float32 `shape`, the re-noising key of `generate`) of one video's key."""
+  noise_key, renoise_key = jax.random.split(key)
+  return jax.random.normal(noise_key, tuple(shape), jnp.float32), renoise_key
+
+
 def make_sampler(dit: Any, req: Request, *, cache_frames: int | None = None,
                  sink_frames: int = 0, on_chunk=None):
   """The jitted chunk sampler: `sampler(params, context [B, L, D], noise [B, F, h, w, C], rng)`
@@ -176,22 +210,14 @@ def _progress(total: int, desc: str, quiet: bool):
 
 def run(args: argparse.Namespace) -> list[Path]:
   """Loads the parts, generates every prompt, writes the mp4s (and latents); returns the paths."""
-  from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from asd_jax.text import TextEncoder  # pylint: disable=g-import-not-at-top
   req = plan(args)
   parts = resolve_parts(args)
   log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
   log(f"schedules: first chunk {list(req.first)}, later chunks {list(req.later)}")
-  encoder = TextEncoder.load(parts["umt5"], parts["tokenizer"], dtype=args.dtype)
+  models = load_models(parts, args.dtype)
+  encoder, dit, dit_params, vae, vae_params = (models.encoder, models.dit, models.dit_params,
+                                               models.vae, models.vae_params)
   context, _ = encoder(req.prompts)
-  dit, dit_params = pretrained.load(parts["dit"], dtype=args.dtype)
-  vae, vae_params = pretrained.load(parts["vae"], dtype=args.dtype)
-  if context.shape[-1] != dit.config.text_dim:
-    raise ValueError(f"the text encoder gives {context.shape[-1]} channels, the DiT expects "
-                     f"text_dim={dit.config.text_dim}: the parts do not belong together.")
-  if vae.config.z_dim != dit.config.in_channels:
-    raise ValueError(f"the VAE has {vae.config.z_dim} latent channels, the DiT "
-                     f"{dit.config.in_channels}: the parts do not belong together.")
   n_chunks = req.latent_frames // CHUNK_FRAMES
   shape = (1, req.latent_frames) + req.latent_hw + (dit.config.in_channels,)
 
@@ -205,9 +231,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                          on_chunk=on_chunk)
   written = []
   for i, (prompt, out) in enumerate(zip(req.prompts, req.outputs)):
-    key = jax.random.fold_in(jax.random.key(args.seed), i)
-    noise_key, renoise_key = jax.random.split(key)
-    noise = jax.random.normal(noise_key, shape, jnp.float32)
+    noise, renoise_key = video_noise(jax.random.fold_in(jax.random.key(args.seed), i), shape)
     bar = _progress(n_chunks, f"denoise {i + 1}/{len(req.prompts)}", args.quiet)
     t0 = time.perf_counter()
     latents = jax.block_until_ready(sampler(dit_params, jnp.asarray(context[i:i + 1]), noise,
