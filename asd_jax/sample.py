@@ -19,13 +19,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asd_jax import cli
 from asd_jax.diffusion import ffe_schedules, few_step_schedule, validate_timesteps
+from asd_jax.io import atomic
 from asd_jax.sampling import generate, validate_generation
 
 FPS = 16
@@ -64,7 +66,24 @@ def plan(args: argparse.Namespace) -> Request:
     prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
   if not prompts:
-    raise ValueError("give a --prompt or a non-empty --prompts_file.")
+    raise cli.UsageError("give a --prompt or a non-empty --prompts_file.")
+  if args.num_frames < 1:
+    raise cli.UsageError(f"--num_frames must be a positive 4k + 1 count of video frames, got "
+                         f"{args.num_frames}; e.g. 81, 45, 33, 9.")
+  for flag in ("height", "width"):
+    if getattr(args, flag) < 16:
+      raise cli.UsageError(f"--{flag} must be a positive multiple of 16 pixels, got "
+                           f"{getattr(args, flag)}.")
+  for flag in ("steps", "training_steps", "first_chunk_steps"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise cli.UsageError(f"--{flag} must be >= 1, got {value}.")
+  if args.cache_frames is not None and args.cache_frames < 1:
+    raise cli.UsageError(f"--cache_frames must be >= 1 latent frames, got {args.cache_frames}.")
+  if args.sink_frames < 0:
+    raise cli.UsageError(f"--sink_frames must be >= 0, got {args.sink_frames}.")
+  if args.seed < 0:
+    raise cli.UsageError(f"--seed must be >= 0, got {args.seed}.")
   if (args.num_frames - 1) % 4:
     raise ValueError(f"--num_frames must be 4k + 1 (the VAE's temporal stride), got "
                      f"{args.num_frames}; e.g. 81, 45, 33, 9.")
@@ -92,7 +111,10 @@ def plan(args: argparse.Namespace) -> Request:
                       args.cache_frames, args.sink_frames)
   out = Path(args.output)
   if out.suffix.lower() != ".mp4":
-    raise ValueError(f"--output must end in .mp4, got {out}.")
+    raise cli.UsageError(f"--output must end in .mp4, got {out}.")
+  if out.is_dir():
+    raise cli.UsageError(f"--output {out} is a directory; give a file name ending in .mp4.")
+  atomic.check_writable_dir(out.parent, "--output's folder")
   outputs = ([out] if len(prompts) == 1 else
              [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(len(prompts))])
   return Request(prompts, first, later, latent_frames, latent_hw, outputs)
@@ -110,6 +132,17 @@ def resolve_parts(args: argparse.Namespace) -> dict[str, Path]:
       missing.append(f"{name}: {path if path else '(no --model_dir)'}")
     else:
       out[name] = path
+  dit = out.get("dit")
+  if dit is not None and not (dit / "config.json").is_file():
+    flag = "--checkpoint" if args.checkpoint else "--model_dir"
+    if (dit / "checkpoints").is_dir() or (dit / "export").is_dir():
+      hint = (f"{dit} is a training workdir; give its exported generator: {flag}="
+              f"{dit / 'export'}" + ("" if (dit / "export").is_dir() else
+                                     " (written when the run finishes)"))
+    else:
+      hint = (f"{dit} has no config.json: it is not a converted model directory (write one with "
+              f"`python -m asd_jax.convert wan` or train one: WORKDIR/export)")
+    raise cli.UsageError(f"{flag}: {hint}.")
   if missing:
     raise FileNotFoundError(
         "missing model parts:\n  " + "\n  ".join(missing) + "\nGive --model_dir (written by "
@@ -152,13 +185,14 @@ def video_noise(key: jax.Array, shape: Sequence[int]) -> tuple[jax.Array, jax.Ar
 
 
 def make_sampler(dit: Any, req: Request, *, cache_frames: int | None = None,
-                 sink_frames: int = 0, on_chunk=None):
+                 sink_frames: int = 0, on_chunk=None, on_chunk_latents=None):
   """The jitted chunk sampler: `sampler(params, context [B, L, D], noise [B, F, h, w, C], rng)`
-  -> latents like noise (what `run` calls; `python -m asd_jax.plan --sample` compiles it)."""
+  -> latents like noise (what `run` calls; `python -m asd_jax.plan --sample` compiles it;
+  `on_chunk_latents` streams each chunk out as it is done, for `python -m asd_jax.demo`)."""
   return jax.jit(lambda p, c, z, r: generate(
       dit, p, c, z, first_chunk_timesteps=req.first, later_chunk_timesteps=req.later,
       chunk_frames=CHUNK_FRAMES, rng=r, cache_frames=cache_frames, sink_frames=sink_frames,
-      on_chunk=on_chunk))
+      on_chunk=on_chunk, on_chunk_latents=on_chunk_latents))
 
 
 def make_decoder(vae_module: Any):
@@ -170,24 +204,37 @@ def make_decoder(vae_module: Any):
 def decode_stream(vae_module: Any, vae_params: Any, latents: jax.Array,
                   chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
   """Streaming decode: yields uint8 frames [n, H, W, 3] chunk by chunk (latents [1, F, h, w, z])."""
-  B, F, h, w, _ = latents.shape
-  state = vae_module.init_decode_state(B, h, w)
-  step = make_decoder(vae_module)
-  for start in range(0, F, chunk_frames):
-    frames, state = step(vae_params, state, latents[:, start:start + chunk_frames])
+  F = latents.shape[1]
+  return decode_chunks(vae_module, vae_params,
+                       (latents[:, s:s + chunk_frames] for s in range(0, F, chunk_frames)))
+
+
+def decode_chunks(vae_module: Any, vae_params: Any, chunks: Iterable[jax.Array],
+                  step=None) -> Iterator[np.ndarray]:
+  """Streaming decode of latent chunks [1, k, h, w, z] as they come (e.g. from the sampler's
+  `on_chunk_latents`): yields uint8 frames [n, H, W, 3] per chunk; `step` reuses a
+  `make_decoder` (its compiled programs) across videos."""
+  step = make_decoder(vae_module) if step is None else step
+  state = None
+  for chunk in chunks:
+    if state is None:
+      state = vae_module.init_decode_state(chunk.shape[0], *chunk.shape[2:4])
+    frames, state = step(vae_params, state, chunk)
     yield np.asarray(jnp.round((frames[0] + 1.0) * 127.5).astype(jnp.uint8))
 
 
-def write_mp4(path: Path, frames: Iterator[np.ndarray], size: tuple[int, int],
-              fps: int = FPS) -> int:
-  """Writes uint8 frame batches [n, H, W, 3] to an H.264 mp4 as they come; returns the count."""
+class VideoWriteError(OSError):
+  """ffmpeg could not write the video (full disk, read-only folder, ...); nothing was replaced."""
+
+
+def _encode_mp4(tmp: Path, frames: Iterator[np.ndarray], size: tuple[int, int], fps: int) -> int:
+  """Runs ffmpeg (libx264) on the frames into `tmp`; returns the count. Raises VideoWriteError."""
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top
   height, width = size
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.partial.mp4")
   writer = imageio_ffmpeg.write_frames(str(tmp), (width, height), fps=fps, codec="libx264",
                                        pix_fmt_out="yuv420p", macro_block_size=1,
-                                       output_params=["-crf", "18"])
+                                       output_params=["-crf", "18", "-f", "mp4"],
+                                       ffmpeg_log_level="error")
   writer.send(None)
   count = 0
   try:
@@ -195,10 +242,54 @@ def write_mp4(path: Path, frames: Iterator[np.ndarray], size: tuple[int, int],
       for frame in batch:
         writer.send(np.ascontiguousarray(frame))
         count += 1
+  except IOError as e:  # ffmpeg died: its stdin broke
+    raise VideoWriteError(f"ffmpeg stopped while writing {tmp}: "
+                          f"{str(e).splitlines()[0]}") from None
   finally:
     writer.close()
-  tmp.replace(path)
   return count
+
+
+def write_mp4(path: Path, frames: Iterator[np.ndarray], size: tuple[int, int],
+              fps: int = FPS) -> int:
+  """Writes uint8 frame batches [n, H, W, 3] to an H.264 mp4 as they come; returns the count.
+
+  The video goes to a temporary file beside `path` and replaces it only once ffmpeg has exited
+  and the file holds a whole mp4 (its size and the count checked); on any failure the temporary
+  is removed, an existing `path` is kept and VideoWriteError (an OSError) says why.
+  """
+  path = Path(path)
+  with atomic.atomic_file(path, suffix=".mp4") as tmp:
+    count = _encode_mp4(tmp, frames, size, fps)
+    written = tmp.stat().st_size if tmp.exists() else 0
+    if count == 0:
+      raise VideoWriteError(f"no frames to write to {path}.")
+    # A whole mp4 holds the 'moov' index, written last: a disk that filled up, or an ffmpeg that
+    # failed, leaves an empty or truncated file whose exit status imageio does not report.
+    if written < 1024 or not _has_moov(tmp):
+      free = atomic.fmt_bytes(atomic.free_bytes(path.parent))
+      raise VideoWriteError(f"ffmpeg wrote an incomplete video ({written} bytes) for {path} "
+                            f"({free} free on its disk); {path} was left as it was.")
+  return count
+
+
+def _has_moov(path: Path) -> bool:
+  """Whether an mp4's top-level boxes include 'moov' (ffmpeg writes it once every frame is in)."""
+  with open(path, "rb") as f:
+    size = path.stat().st_size
+    pos = 0
+    while pos + 8 <= size:
+      f.seek(pos)
+      head = f.read(16)
+      box_size, kind = int.from_bytes(head[:4], "big"), head[4:8]
+      if kind == b"moov":
+        return True
+      if box_size == 1 and len(head) >= 16:
+        box_size = int.from_bytes(head[8:16], "big")
+      if box_size < 8:
+        return False
+      pos += box_size
+  return False
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -240,7 +331,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if bar is not None:
       bar.close()
     if args.save_latents:
-      np.save(out.with_suffix(".latents.npy"), np.asarray(latents[0]))
+      atomic.save_npy(out.with_suffix(".latents.npy"), latents[0])
     bar = _progress(n_chunks, f"decode {i + 1}/{len(req.prompts)}", args.quiet)
 
     def frames():
@@ -292,13 +383,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parser().parse_args(argv)
-  try:
-    run(args)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  """The command line: 0 done, 2 bad input (nothing written), 1 a failure while working.
+
+  `--debug` (or ASD_JAX_DEBUG=1) shows the traceback of an expected failure."""
+
+  def _main(args_list: list[str]) -> int:
+    run(parser().parse_args(args_list))
+    return 0
+  return cli.run(_main, argv, usage_errors=(ValueError, FileNotFoundError, NotImplementedError))
 
 
 if __name__ == "__main__":

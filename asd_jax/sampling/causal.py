@@ -60,6 +60,7 @@ def generate(module: Any,
              cache_frames: int | None = None,
              sink_frames: int = 0,
              on_chunk: Callable[[Any], None] | None = None,
+             on_chunk_latents: Callable[[Any, Any], None] | None = None,
              return_steps: bool = False):
   """Causal chunked generation with the KV cache.
 
@@ -77,6 +78,9 @@ def generate(module: Any,
       that rolls the window, keeping the first `sink_frames`.
     on_chunk: optional host callback called with the chunk index once each chunk is done (e.g. a
       progress bar); runs through `jax.debug.callback`.
+    on_chunk_latents: optional host callback called with (chunk index, its clean latents
+      [B, chunk_frames, H, W, C]) as soon as each chunk is done, while later chunks are still to
+      come (what a live viewer decodes and shows); an exception it raises stops the generation.
     return_steps: also return the x0 predicted at every denoising step (the paper's Fig. 4).
 
   Returns:
@@ -117,28 +121,30 @@ def generate(module: Any,
   def refill(x0, cache, offset):
     return forward(x0, 0.0, cache, offset)[1]
 
-  def notify(chunk):
+  def notify(chunk, x0):
     if on_chunk is not None:
       jax.debug.callback(on_chunk, chunk, ordered=True)
+    if on_chunk_latents is not None:
+      jax.debug.callback(on_chunk_latents, chunk, x0, ordered=True)
 
   cache = module.apply(variables, context, height=H, width=W, capacity_frames=capacity,
                        sink_frames=sink_frames, method="init_cache")
   noise_NBkHWC = noise.astype(jnp.float32).reshape(B, n, chunk_frames, H, W, C).swapaxes(0, 1)
   x0_first, cache, steps_first = denoise(noise_NBkHWC[0], first, cache, 0, 0)
   if n == 1:
-    notify(0)
+    notify(0, x0_first)
     if return_steps:
       return x0_first, steps_first, jnp.zeros((len(later), B, 0, H, W, C), jnp.float32)
     return x0_first
   cache = refill(x0_first, cache, 0)
-  notify(0)
+  notify(0, x0_first)
 
   def body(cache, xs):
     noise_c, c = xs
     offset = c * chunk_frames
     x0, cache, steps = denoise(noise_c, later, cache, offset, c)
     cache = jax.lax.cond(c < n - 1, lambda k: refill(x0, k, offset), lambda k: k, cache)
-    notify(c)
+    notify(c, x0)
     return cache, (x0, steps if return_steps else None)
 
   _, (x0_later, steps_later) = jax.lax.scan(body, cache, (noise_NBkHWC[1:], jnp.arange(1, n)))
