@@ -31,7 +31,12 @@ EXPORT = "export"
 
 
 def run_alpha(name: str, default_alpha: float) -> tuple[str, float]:
-  """('dmd' | 'asd', alpha) of a run name: 'dmd', 'asd' or 'asd@0.03'."""
+  """('dmd' | 'asd', alpha) of a run name: 'dmd', 'asd' or 'asd@0.03'.
+
+  'asd@0' is the ASD stage with alpha 0: the Self Forcing generator trained beside a
+  discriminator it ignores, with the update ratio, batches and draws of every other 'asd@A' run
+  (the paired baseline of an ablation); 'dmd' is the Self Forcing stage itself (ratio g:c:0).
+  """
   if name == "dmd":
     return "dmd", 0.0
   if name == "asd":
@@ -41,9 +46,9 @@ def run_alpha(name: str, default_alpha: float) -> tuple[str, float]:
       alpha = float(name[4:])
     except ValueError:
       alpha = -1.0
-    if alpha > 0:
+    if alpha >= 0:
       return "asd", alpha
-  raise ValueError(f"unknown run {name!r}: use 'dmd', 'asd' or 'asd@ALPHA' (ALPHA > 0).")
+  raise ValueError(f"unknown run {name!r}: use 'dmd', 'asd' or 'asd@ALPHA' (ALPHA >= 0).")
 
 
 def stage_config(c: ml_collections.ConfigDict, stage: str, *, teacher_dir: str = "",
@@ -109,9 +114,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print,
   """Runs every stage (skipping finished ones), evaluates, writes results.json and report.md."""
   from asd_jax import pretrained  # pylint: disable=g-import-not-at-top
   from asd_jax.train.loop import toy_world  # pylint: disable=g-import-not-at-top
+  from asd_jax.toy.config import validate  # pylint: disable=g-import-not-at-top
   c = config
-  if c.pipeline.teacher not in ("trained", "analytic"):
-    raise ValueError(f"pipeline.teacher must be 'trained' or 'analytic', got {c.pipeline.teacher!r}.")
+  validate(c)  # every field, and every stage config derived from them, before any stage runs
   runs = [(name,) + run_alpha(name, c.asd.alpha) for name in c.pipeline.runs]
   workdir = Path(workdir)
   t_start = time.perf_counter()
@@ -125,8 +130,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print,
 
   teacher_dir = c.pipeline.teacher_dir or timed(
       "teacher", lambda: run_stage(stage_config(c, "pretrain"), workdir / "teacher", log))
-  ode_dir = timed("ode_init", lambda: run_stage(stage_config(c, "ode_init", teacher_dir=teacher_dir),
-                                             workdir / "ode_init", log))
+  ode_dir = c.pipeline.get("ode_dir") or timed("ode_init", lambda: run_stage(
+      stage_config(c, "ode_init", teacher_dir=teacher_dir), workdir / "ode_init", log))
   run_dirs = {}
   for name, stage, alpha in runs:
     cfg = stage_config(c, stage, teacher_dir=teacher_dir, student_dir=ode_dir, alpha=alpha)

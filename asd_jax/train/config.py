@@ -7,6 +7,9 @@ and synthetic prompts) and `teacher=1.3b` (a 1.3B teacher for one-GPU setups).
 
 from __future__ import annotations
 
+import math
+from typing import Any, Callable
+
 import ml_collections
 
 
@@ -98,3 +101,265 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.asd.mlp_dim = 32
   c.ode.steps = 8
   c.checkpoint.every = 2
+
+
+# ------------------------------------------------------------------------------------ validation
+
+STAGES = ("pretrain", "ode_init", "dmd", "asd")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _get(c: ml_collections.ConfigDict, name: str) -> Any:
+  for part in name.split("."):
+    c = c[part]
+  return c
+
+
+def require(c: ml_collections.ConfigDict, name: str, ok: Callable[[Any], bool],
+            what: str) -> Any:
+  """The value of field `name` if `ok(value)`; else a ValueError naming the field and the rule."""
+  value = _get(c, name)
+  try:
+    good = ok(value)
+  except TypeError:
+    good = False
+  if not good:
+    raise ValueError(f"{name} must be {what}, got {value!r}; give --config.{name}=VALUE.")
+  return value
+
+
+def is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(config: ml_collections.ConfigDict, *, mesh: Any = None,
+             check_paths: bool = True) -> None:
+  """Rejects a stage config that cannot work, naming the field, before anything is built.
+
+  Every numeric field is checked against its range (learning rates > 0, betas in [0, 1), ...),
+  the shapes against each other (frames a multiple of chunk_frames, taps within the critic's
+  layers, ...) and, with `check_paths`, the directories of `init.*` and `data.*` against what
+  they must hold (a converted Wan DiT of the configured architecture, a built dataset with the
+  config's timesteps). With `mesh`, the batch is checked against the devices it is split over.
+
+  Raises:
+    ValueError: with the field's config name, the rule and what to give instead.
+    FileNotFoundError: a directory of `init.*` or `data.*` that does not exist.
+  """
+  c = config
+  if c.stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {c.stage!r}.")
+  require(c, "seed", is_int, "an integer")
+  require(c, "dtype", lambda v: v in _DTYPES, f"one of {_DTYPES}")
+  from asd_jax.models.wan_config import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  require(c, "remat", lambda v: v in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}")
+  chunk = require(c, "chunk_frames", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  for name in ("latent.frames", "latent.height", "latent.width"):
+    require(c, name, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  F, H, W = c.latent.frames, c.latent.height, c.latent.width
+  if F % chunk:
+    raise ValueError(f"latent.frames {F} is not a multiple of chunk_frames {chunk}.")
+  if H % 2 or W % 2:
+    raise ValueError(f"latent.height and latent.width ({H}x{W}) must be even (the DiT's 2x2 "
+                     f"patches).")
+  require(c, "shift", lambda v: is_number(v) and v > 0, "a number > 0")
+  from asd_jax.diffusion import validate_timesteps  # pylint: disable=g-import-not-at-top
+  validate_timesteps(c.timesteps, "timesteps")
+
+  # Sizes, intervals, counts.
+  require(c, "batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "device_batch", lambda v: is_int(v) and v >= 0,
+          "an integer >= 0 (0: the whole batch at once)")
+  require(c, "total_steps", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "log_every", lambda v: is_int(v) and v >= 1, "an integer >= 1 (log every N steps)")
+  require(c, "max_nonfinite", lambda v: is_int(v) and v >= 1,
+          "an integer >= 1 (non-finite updates in a row before the run stops)")
+  require(c, "checkpoint.every", lambda v: is_int(v) and v >= 1,
+          "an integer >= 1 (save every N steps)")
+  require(c, "checkpoint.keep", lambda v: is_int(v) and v >= 1,
+          "an integer >= 1 (with 0 no checkpoint is kept and a restarted run starts again from "
+          "step 0)")
+  require(c, "data.synthetic_prompts", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "data.text_len", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "mesh_shape", lambda v: len(v) == 3 and all(
+      is_int(s) and (s >= 1 or s == -1) for s in v) and list(v).count(-1) <= 1,
+      "three sizes (data, fsdp, tensor), each >= 1 or one of them -1")
+
+  # Optimizer, EMA.
+  for name in ("optim.gen_lr", "optim.critic_lr"):
+    require(c, name, lambda v: is_number(v) and v > 0, "a learning rate > 0")
+  for name in ("optim.b1", "optim.b2"):
+    require(c, name, lambda v: is_number(v) and 0 <= v < 1, "in [0, 1)")
+  require(c, "optim.eps", lambda v: is_number(v) and v > 0, "a number > 0")
+  require(c, "optim.weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0")
+  require(c, "optim.clip_norm", lambda v: is_number(v) and v > 0,
+          "a number > 0 (the global gradient norm is clipped to it)")
+  require(c, "ema.decay", lambda v: is_number(v) and 0 <= v <= 1, "in [0, 1]")
+  require(c, "ema.start", lambda v: is_int(v) and v >= 0, "an integer >= 0 (a generator step)")
+
+  # DMD, ASD, ODE pairs, pretraining.
+  require(c, "dmd.guidance", lambda v: is_number(v) and v >= 0, "a number >= 0")
+  _t_range(c, "dmd")
+  require(c, "asd.alpha", lambda v: is_number(v) and v >= 0, "a number >= 0 (0: no ASD loss)")
+  require(c, "asd.r_lambda", lambda v: is_number(v) and v >= 0, "a number >= 0")
+  require(c, "asd.r_sigma", lambda v: is_number(v) and v > 0,
+          "a number > 0 (the R1/R2 noise scale)")
+  require(c, "asd.taps", lambda v: len(v) >= 1 and all(is_int(t) for t in v) and
+          len(set(v)) == len(v), "a non-empty tuple of distinct block indices")
+  require(c, "asd.num_queries", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "asd.mlp_dim", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "ode.steps", lambda v: is_int(v) and v >= 1, "an integer >= 1 (Euler steps)")
+  require(c, "ode.guidance", lambda v: is_number(v) and v >= 0, "a number >= 0")
+  require(c, "ode.pool", lambda v: is_int(v) and v >= 0,
+          "an integer >= 0 (0: fresh pairs every step)")
+  require(c, "pretrain.shift", lambda v: is_number(v) and v > 0, "a number > 0")
+  _t_range(c, "pretrain")
+  require(c, "pretrain.cfg_dropout", lambda v: is_number(v) and 0 <= v <= 1, "in [0, 1]")
+
+  ratio = require(c, "update_ratio", lambda v: len(v) == 3 and v[0] >= 1 and all(
+      is_int(r) and r >= 0 for r in v), "(generator >= 1, critic >= 0, discriminator >= 0) updates")
+  if c.stage == "asd" and ratio[2] < 1:
+    raise ValueError("stage 'asd' needs discriminator updates: update_ratio[2] >= 1.")
+  if c.stage == "dmd" and ratio[2]:
+    raise ValueError(f"stage 'dmd' has no discriminator: set update_ratio[2] to 0, got "
+                     f"{tuple(ratio)}.")
+  if c.stage != "asd" and c.asd.alpha:
+    raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
+
+  # Networks.
+  from asd_jax.train.programs import ANALYTIC, wan_config  # pylint: disable=g-import-not-at-top
+  analytic = c.models.teacher.preset == ANALYTIC
+  if analytic and not c.data.toy:
+    raise ValueError("the analytic teacher exists for the toy world only (models.teacher.preset "
+                     "'analytic'): set data.toy = True.")
+  if c.data.toy:
+    world_shape = (c.toy.frames, c.toy.height, c.toy.width)
+    if (F, H, W) != world_shape:
+      raise ValueError(f"latent {(F, H, W)} differs from the toy world's {world_shape}.")
+  names = ("student", "critic") if analytic else ("student", "teacher", "critic")
+  models = {}
+  for name in names:
+    try:
+      models[name] = wan_config(c.models[name], c.dtype, c.remat)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"models.{name}: {e}") from None
+  if c.data.toy:
+    for name, cfg in models.items():
+      if (cfg.in_channels, cfg.out_channels, cfg.text_dim) != (c.toy.channels, c.toy.channels,
+                                                                 c.toy.text_dim):
+        raise ValueError(f"models.{name} must read {c.toy.channels}-channel latents and "
+                         f"{c.toy.text_dim}-wide text to fit the toy world.")
+  if c.stage == "asd":
+    layers = models["critic"].num_layers
+    if any(not 0 <= tap < layers for tap in c.asd.taps):
+      raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
+                       f"{layers} (0 .. {layers - 1}).")
+  if not analytic and models["teacher"].text_dim != models["student"].text_dim:
+    raise ValueError("models.teacher and models.student must read the same text embeddings "
+                     "(text_dim).")
+  if analytic and c.stage in ("dmd", "asd") and not c.init.critic and check_paths:
+    raise ValueError("with the analytic teacher the critic needs its own init (init.critic): "
+                     "a pretrained Wan directory.")
+  if check_paths:
+    _check_paths(c, models)
+  if mesh is not None:
+    check_mesh(c, mesh)
+
+
+def _t_range(c: ml_collections.ConfigDict, group: str) -> None:
+  lo = require(c, f"{group}.t_min", lambda v: is_number(v) and 0 <= v <= 1000, "in [0, 1000]")
+  hi = require(c, f"{group}.t_max", lambda v: is_number(v) and 0 <= v <= 1000, "in [0, 1000]")
+  if not lo < hi:
+    raise ValueError(f"{group}.t_min {lo} must be below {group}.t_max {hi}.")
+
+
+def _check_paths(c: ml_collections.ConfigDict, models: dict[str, Any]) -> None:
+  """init.* hold converted Wan DiTs of the configured architecture; data.* are built datasets."""
+  import json  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from asd_jax.models.wan_config import WanConfig  # pylint: disable=g-import-not-at-top
+  distill = c.stage in ("dmd", "asd")
+  # What each network loads (the loop's order): the critic starts from init.critic, else from
+  # the teacher's directory.
+  loads = {"student": c.init.student}
+  if distill:
+    loads["critic"] = c.init.critic or c.init.teacher
+  if "teacher" in models and c.stage != "pretrain":
+    loads["teacher"] = c.init.teacher
+  for name in ("student", "teacher", "critic"):
+    path = c.init.get(name)
+    if path and not Path(path).is_dir():
+      raise FileNotFoundError(f"init.{name} = {path} is not a directory; give a converted Wan "
+                              f"DiT (`python -m asd_jax.convert wan`) or a training's export.")
+  for name, path in loads.items():
+    if not path:
+      continue
+    field = f"init.{name}" if c.init.get(name) else "init.teacher"
+    meta_path = Path(path) / "config.json"
+    try:
+      meta = json.loads(meta_path.read_text())
+      kind, arch = meta["kind"], meta["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+      hint = (f" (a converted release: give {Path(path) / 'dit'})"
+              if (Path(path) / "dit" / "config.json").is_file() else "")
+      raise ValueError(f"{field} = {path} is not a converted model directory (no readable "
+                       f"config.json with 'kind' and 'config'){hint}; give a converted Wan DiT "
+                       f"(`python -m asd_jax.convert wan`) or a training's export.") from None
+    if kind != "wan":
+      raise ValueError(f"{field} = {path} holds a {kind!r} checkpoint, not a Wan DiT; give the "
+                       f"DiT's directory (a release's `dit`, `python -m asd_jax.convert wan`, or "
+                       f"a training's export).")
+    cfg = models[name]
+    wrong = [f for f in WanConfig.ARCH_FIELDS if f in arch and
+             (tuple(arch[f]) if isinstance(arch[f], list) else arch[f]) != getattr(cfg, f)]
+    if wrong:
+      have = ", ".join(f"{f} {arch[f]}" for f in wrong)
+      want = ", ".join(f"{f} {getattr(cfg, f)}" for f in wrong)
+      raise ValueError(f"{field} = {path} holds a model with {have}; models.{name} asks for "
+                       f"{want} (set models.{name}.preset or its fields to match).")
+  if c.data.prompts and not Path(c.data.prompts).is_dir():
+    raise FileNotFoundError(f"data.prompts = {c.data.prompts} is not a directory; build one with "
+                            f"`python -m asd_jax.data.build --out=DIR ...`.")
+  if c.data.ode_pairs:
+    if c.stage != "ode_init":
+      raise ValueError(f"data.ode_pairs is read by stage 'ode_init' only; stage is {c.stage!r}.")
+    from asd_jax.data.ode_pairs import MARKER  # pylint: disable=g-import-not-at-top
+    from asd_jax.diffusion import warp_timesteps  # pylint: disable=g-import-not-at-top
+    marker = Path(c.data.ode_pairs) / MARKER
+    if not Path(c.data.ode_pairs).is_dir():
+      raise FileNotFoundError(f"data.ode_pairs = {c.data.ode_pairs} is not a directory; build one "
+                              f"with `python -m asd_jax.data.ode_pairs --out=DIR ...`.")
+    if marker.is_file():  # an incomplete dataset is reported by its reader
+      info = json.loads(marker.read_text())
+      stored = [float(t) for t in info.get("timesteps", ())]
+      training = list(warp_timesteps(c.timesteps, c.shift))
+      if len(stored) != len(training) or any(abs(a - b) > 1e-3 for a, b in zip(stored,
+                                                                                training)):
+        raise ValueError(f"data.ode_pairs = {c.data.ode_pairs} holds timesteps {stored}; the "
+                         f"config trains on {training} (timesteps {tuple(c.timesteps)} warped "
+                         f"with shift {c.shift}): give the same timesteps and shift, or build "
+                         f"the pairs again.")
+      shape = tuple(info.get("latent_shape", ()))
+      want = (c.latent.frames, c.latent.height, c.latent.width)
+      if shape[:3] != want:
+        raise ValueError(f"data.ode_pairs = {c.data.ode_pairs} holds latents {shape}; the config's "
+                         f"latent is {want} (set latent.frames/height/width to match).")
+
+
+def check_mesh(config: ml_collections.ConfigDict, mesh: Any) -> None:
+  """The batch against the devices it is split over (batch -> data x fsdp)."""
+  from asd_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
+  axes = shd.batch_sharding(mesh).spec[0] or ()
+  devices = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  B, n = config.batch_size, config.device_batch
+  if B % devices:
+    raise ValueError(f"batch_size {B} is not a multiple of the {devices} devices the batch is "
+                     f"split over (mesh {dict(mesh.shape)}, batch -> data x fsdp); give "
+                     f"--config.batch_size=k*{devices} or another mesh_shape.")
+  if n and B % (n * devices):
+    raise ValueError(f"batch_size {B} is not a multiple of device_batch {n} x the {devices} "
+                     f"devices the batch is split over; change one of them.")

@@ -20,74 +20,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from asd_jax.diffusion import validate_timesteps
 from asd_jax.models import disc, wan
 from asd_jax.train import sharding as shd
 from asd_jax.train.checkpoint import Checkpointer
+from asd_jax.train.config import STAGES, check_mesh, validate  # noqa: F401 (re-exported)
 from asd_jax.train.data import make_source
 from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
-from asd_jax.train.programs import ANALYTIC, build_programs, heads_logical, wan_config
+from asd_jax.train.programs import build_programs, heads_logical
 from asd_jax.train.state import TrainState
 from asd_jax.train.steps import run_cycle
-
-STAGES = ("pretrain", "ode_init", "dmd", "asd")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Rejects a config that cannot work, with the reason, before anything is built."""
-  c = config
-  if c.stage not in STAGES:
-    raise ValueError(f"stage must be one of {STAGES}, got {c.stage!r}.")
-  F, H, W = c.latent.frames, c.latent.height, c.latent.width
-  if F % c.chunk_frames:
-    raise ValueError(f"latent.frames {F} is not a multiple of chunk_frames {c.chunk_frames}.")
-  if H % 2 or W % 2:
-    raise ValueError(f"latent height/width {H}x{W} must be even (the DiT's 2x2 patches).")
-  validate_timesteps(c.timesteps, "timesteps")
-  ratio = tuple(c.update_ratio)
-  if len(ratio) != 3 or any(int(r) < 0 for r in ratio) or ratio[0] < 1:
-    raise ValueError(f"update_ratio must be (generator >= 1, critic >= 0, discriminator >= 0), "
-                     f"got {ratio}.")
-  if c.stage == "asd" and ratio[2] < 1:
-    raise ValueError("stage 'asd' needs discriminator updates: update_ratio[2] >= 1.")
-  if c.stage == "dmd" and ratio[2]:
-    raise ValueError(f"stage 'dmd' has no discriminator: set update_ratio[2] to 0, got {ratio}.")
-  if c.stage != "asd" and c.asd.alpha:
-    raise ValueError(f"asd.alpha = {c.asd.alpha} but stage is {c.stage!r}; use stage 'asd'.")
-  if c.asd.alpha < 0:
-    raise ValueError(f"asd.alpha must be >= 0, got {c.asd.alpha}.")
-  analytic = c.models.teacher.preset == ANALYTIC
-  if analytic and not c.data.toy:
-    raise ValueError("the analytic teacher exists for the toy world only: set data.toy = True.")
-  if c.data.toy:
-    world_shape = (c.toy.frames, c.toy.height, c.toy.width)
-    if (F, H, W) != world_shape:
-      raise ValueError(f"latent {(F, H, W)} differs from the toy world's {world_shape}.")
-  names = ("student", "critic") if analytic else ("student", "teacher", "critic")
-  models = {name: wan_config(c.models[name], c.dtype, c.remat) for name in names}
-  if c.data.toy:
-    for name, cfg in models.items():
-      if (cfg.in_channels, cfg.out_channels, cfg.text_dim) != (c.toy.channels, c.toy.channels,
-                                                                 c.toy.text_dim):
-        raise ValueError(f"models.{name} must read {c.toy.channels}-channel latents and "
-                         f"{c.toy.text_dim}-wide text to fit the toy world.")
-  if c.stage == "asd":
-    layers = models["critic"].num_layers
-    if any(not 0 <= tap < layers for tap in c.asd.taps):
-      raise ValueError(f"asd.taps {tuple(c.asd.taps)} index blocks outside the critic's "
-                       f"{layers}.")
-  if not analytic and models["teacher"].text_dim != models["student"].text_dim:
-    raise ValueError("teacher and student must read the same text embeddings (text_dim).")
-  if c.batch_size < 1 or c.total_steps < 1:
-    raise ValueError("batch_size and total_steps must be positive.")
-  if analytic and c.stage in ("dmd", "asd") and not c.init.critic:
-    raise ValueError("with the analytic teacher the critic needs its own init (init.critic): "
-                     "a pretrained Wan directory.")
-  for name in ("student", "teacher", "critic"):
-    path = c.init.get(name)
-    if path and not Path(path).is_dir():
-      raise FileNotFoundError(f"init.{name} = {path} is not a directory (a converted model).")
-
 
 def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
   """Params of a converted directory (read straight into shards) or a random init (sharded)."""
@@ -146,6 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
   workdir = Path(workdir)
   shd.initialize_distributed()
   mesh = shd.make_mesh(tuple(c.mesh_shape))
+  check_mesh(c, mesh)
   rules = shd.DEFAULT_RULES
   key = jax.random.key(c.seed)
   k_gen, k_critic, k_teacher, k_heads, k_run = jax.random.split(key, 5)
