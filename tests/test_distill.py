@@ -70,6 +70,46 @@ def test_rollout_gradient_flows_only_through_the_exit_forward(tiny):
   assert float(jnp.abs(g["text_embedding"]["fc1"]["kernel"]).max()) > 0
 
 
+def _sequential_rollout(module, p, ctx, noise, e, rng):
+  """Self Forcing's training loop written plainly (its `_consistency_backward_simulation` with
+  gradient only at the exit step): chunk by chunk, one cache, refilled after each exit."""
+  frozen = jax.lax.stop_gradient(p)
+  fwd = lambda q, x, t, cache, off: module.apply({"params": q}, x, jnp.full((B,), t), cache, off,
+                                                 method="forward_chunk")
+  cache = module.apply({"params": frozen}, ctx, height=H, width=W, capacity_frames=F,
+                       method="init_cache")
+  text_k, text_v = module.apply({"params": p}, None, None, ctx, mode="context")
+  outs = []
+  for c in range(F // 3):
+    x = noise[:, 3 * c:3 * c + 3]
+    for i in range(e):
+      v, cache = fwd(frozen, x, TS[i], cache, 3 * c)
+      s = (TS[i + 1] if i + 1 < len(TS) else 0.0) / 1000.0
+      x = (1 - s) * (x - TS[i] / 1000.0 * v) + s * jax.random.normal(chunk_key(rng, c, i), x.shape)
+    t = TS[e]
+    v, _ = fwd(p, x, t, cache.replace(cross_k_LBCND=text_k, cross_v_LBCND=text_v), 3 * c)
+    x0 = x - t / 1000.0 * v
+    outs.append(x0)
+    _, cache = fwd(frozen, jax.lax.stop_gradient(x0), 0.0, cache, 3 * c)
+  return jnp.concatenate(outs, axis=1)
+
+
+def test_rollout_gradient_over_every_chunk_equals_the_sequential_loop(tiny):
+  """The two-pass rollout (second pass against the final cache) has the gradient of the plain
+  chunk-by-chunk loop, for the later chunks too, whose exit forwards read the cached frames."""
+  module, params = tiny
+  ctx, _, noise = _inputs(module.config)
+  rng, exit_index = jax.random.key(7), 1
+  w = jax.random.normal(jax.random.key(11), noise.shape)
+  loss = lambda p: jnp.sum(w * rollout(module, p, ctx, noise, timesteps=TS,
+                                       exit_index=exit_index, rng=rng))
+  ref = lambda p: jnp.sum(w * _sequential_rollout(module, p, ctx, noise, exit_index, rng))
+  (l, g), (l_ref, g_ref) = jax.jit(jax.value_and_grad(loss))(params), jax.value_and_grad(ref)(params)
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-3),
+                         g, g_ref)
+
+
 def test_dmd_gradient_with_respect_to_x_is_grad_over_numel(tiny):
   module, params = tiny
   ctx, neg, noise = _inputs(module.config)
