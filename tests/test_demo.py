@@ -397,3 +397,40 @@ def test_one_generation_at_a_time_with_a_queue_and_closed_tabs_cancel(toy_engine
 
   with Gate(eng, hold_after=1) as gate, Running(eng) as url:
     asyncio.run(main(url))
+
+
+# The real models' path: a converted release of tiny random parts (tests/tiny_parts.py), a prompt,
+# the umT5 context and the streaming VAE decode.
+
+@pytest.fixture(scope="module")
+def wan_engine(tmp_path_factory):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  pytest.importorskip("sentencepiece")
+  import tiny_parts
+  from asd_jax.demo.__main__ import build_engine, parser
+  model_dir = tiny_parts.model_dir(tmp_path_factory.mktemp("parts"))
+  args = parser().parse_args([f"--model_dir={model_dir}", "--height=32", "--width=48",
+                              "--max_frames=33", "--dtype=float32"])
+  return build_engine(args)
+
+
+@pytest.mark.slow
+def test_page_in_a_browser_with_a_converted_release(wan_engine, tmp_path):
+  eng = wan_engine
+  assert eng.frame_options() == [9, 21, 33] and eng.frame_size() == (32, 48)
+  shot = run_browser(eng, tmp_path, "prompt")
+  assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_refuses_impossible_flags_before_loading(capsys):
+  from asd_jax import cli
+  from asd_jax.demo.__main__ import main
+  for argv, msg in (([], "either --model_dir"), (["--toy=a", "--model_dir=b"], "either"),
+                    (["--toy=a", "--port=0"], "--port"), (["--toy=a", "--sink_frames=2"], "sink"),
+                    (["--toy=a", "--cache_frames=1"], "--cache_frames")):
+    assert cli.run(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and msg in err, err
+  assert cli.run(main, ["--toy=/nonexistent/toy"]) == 1
+  assert "no toy export" in capsys.readouterr().err

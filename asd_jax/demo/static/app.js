@@ -43,7 +43,7 @@ function play() {
       const c = $("video"), img = frames[shown];
       if (c.width !== img.width || c.height !== img.height) {
         c.width = img.width; c.height = img.height;
-        const scale = info.condition === "class" ? Math.max(1, Math.floor(320 / img.height)) : 1;
+        const scale = Math.max(1, Math.floor(320 / img.height));  // small videos shown larger
         c.style.width = `${img.width * scale}px`;
       }
       c.getContext("2d").drawImage(img, 0, 0);
