@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -235,7 +236,9 @@ def _encode_mp4(tmp: Path, frames: Iterator[np.ndarray], size: tuple[int, int], 
                                        pix_fmt_out="yuv420p", macro_block_size=1,
                                        output_params=["-crf", "18", "-f", "mp4"],
                                        ffmpeg_log_level="error")
-  writer.send(None)
+  with warnings.catch_warnings():  # ffmpeg's fork is followed by exec: JAX's warning is moot
+    cli.quiet_known_noise()
+    writer.send(None)
   count = 0
   try:
     for batch in frames:

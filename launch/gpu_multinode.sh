@@ -29,6 +29,8 @@ Options:
   --port=PORT               coordinator port (default 20000 + job id % 20000)
   --venv=DIR                a virtual environment to activate on the nodes
   --python=PYTHON           interpreter (default python)
+  --max_restarts=N          run srun again, up to N times (default 3), when the trainer exits
+                            with 75: stopped early by SIGTERM after saving (asd_jax.cli)
   --srun                    already inside an allocation (salloc / an sbatch script): run
                             srun now instead of submitting a job
   --dry_run                 print every command (and the batch script) instead of running it
@@ -41,6 +43,7 @@ die() { echo "gpu_multinode.sh: $*" >&2; echo "Run launch/gpu_multinode.sh --hel
 
 NODES="" CONFIG="" WORKDIR="" GPUS_PER_NODE=8 CPUS_PER_TASK=8 PARTITION="" ACCOUNT="" QOS=""
 TIME="" JOB_NAME="asd_jax" LOG_DIR="logs" PORT="" VENV="" PYTHON="python" SRUN_NOW=0
+MAX_RESTARTS=3 EXIT_PREEMPTED=75  # asd_jax.cli.EXIT_PREEMPTED
 DRY_RUN="${DRY_RUN:-0}"
 EXTRA=()
 
@@ -60,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --port=*) PORT="${1#*=}" ;;
     --venv=*) VENV="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
+    --max_restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --srun) SRUN_NOW=1 ;;
     --dry_run) DRY_RUN=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -75,6 +79,7 @@ done
 [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, got '$NODES'"
 [[ "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--gpus_per_node must be a positive integer"
 [[ -z "$PORT" || "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max_restarts must be an integer >= 0"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -106,7 +111,15 @@ body() {
     echo 'export JAX_COORDINATOR_ADDRESS="${head_node}:$((20000 + SLURM_JOB_ID % 20000))"'
   fi
   echo "export JAX_NUM_PROCESSES=$((NODES * GPUS_PER_NODE))"
-  show "${SRUN[@]}" | sed 's/^+ //'
+  # Exit 75: every process saved a checkpoint on SIGTERM and stopped early; run them again.
+  echo "n=0"
+  echo "while true; do"
+  echo "  rc=0; $(show "${SRUN[@]}" | sed 's/^+ //') || rc=\$?"
+  echo "  if [[ \$rc -ne $EXIT_PREEMPTED || \$n -ge $MAX_RESTARTS ]]; then exit \$rc; fi"
+  echo "  n=\$((n + 1))"
+  echo "  echo \"gpu_multinode.sh: training stopped early (exit $EXIT_PREEMPTED, checkpoint saved);" \
+       "restart \$n of $MAX_RESTARTS\" >&2"
+  echo "done"
 }
 
 if [[ "$SRUN_NOW" == 1 ]]; then

@@ -36,6 +36,8 @@ Options:
   --detach                  run training under nohup (log: REMOTE_DIR/train.log on each worker)
                             so that it survives the ssh session
   --delete                  delete the slice when training ends
+  --max_restarts=N          run the trainer again, up to N times (default 3), when it exits
+                            with 75: stopped early by SIGTERM after saving (asd_jax.cli)
   --dry_run                 print every command instead of running it (same as DRY_RUN=1)
   -h, --help                this text
 EOF
@@ -46,7 +48,8 @@ die() { echo "tpu_pod.sh: $*" >&2; echo "Run launch/tpu_pod.sh --help for usage.
 NAME="" ZONE="" CONFIG="" WORKDIR="" PROJECT=""
 ACCELERATOR_TYPE="v5p-64" VERSION="v2-alpha-tpuv5" SPOT=0 SKIP_CREATE=0 SKIP_INSTALL=0
 INSTALL="copy" REPO_URL="" REF="main" JAX_SPEC="jax[tpu]" REMOTE_DIR="asd_jax" PYTHON="python3"
-DETACH=0 DELETE=0 DRY_RUN="${DRY_RUN:-0}"
+DETACH=0 DELETE=0 DRY_RUN="${DRY_RUN:-0}" MAX_RESTARTS=3
+EXIT_PREEMPTED=75  # asd_jax.cli.EXIT_PREEMPTED: stopped early by SIGTERM after saving
 EXTRA=()
 
 while [[ $# -gt 0 ]]; do
@@ -68,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --remote_dir=*) REMOTE_DIR="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
     --detach) DETACH=1 ;;
+    --max_restarts=*) MAX_RESTARTS="${1#*=}" ;;
     --delete) DELETE=1 ;;
     --dry_run) DRY_RUN=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -82,6 +86,7 @@ done
 [[ -n "$CONFIG" ]] || die "--config is required"
 [[ -n "$WORKDIR" ]] || die "--workdir is required"
 [[ "$INSTALL" == copy || "$INSTALL" == git ]] || die "--install must be copy or git"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max_restarts must be an integer >= 0"
 [[ "$INSTALL" != git || -n "$REPO_URL" ]] || die "--install=git needs --repo=URL"
 if [[ "$WORKDIR" != gs://* ]]; then
   echo "tpu_pod.sh: warning: --workdir=$WORKDIR is not a gs:// path; every worker must see the" \
@@ -136,10 +141,12 @@ fi
 # jax.distributed.initialize(), which finds the other workers from the TPU metadata.
 TRAIN="ASD_JAX_DISTRIBUTED=1 $PYTHON -m asd_jax.train $(printf '%q ' --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
 TRAIN="${TRAIN% }"
+# Exit 75: the trainer saved a checkpoint on SIGTERM and stopped early; run it again.
+RETRY="n=0; while true; do $TRAIN; rc=\$?; if [ \$rc -ne $EXIT_PREEMPTED ] || [ \$n -ge $MAX_RESTARTS ]; then exit \$rc; fi; n=\$((n + 1)); echo \"tpu_pod.sh: training stopped early (exit $EXIT_PREEMPTED, checkpoint saved); restart \$n of $MAX_RESTARTS\" >&2; done"
 if [[ "$DETACH" == 1 ]]; then
-  on_all_workers "cd $REMOTE_DIR && nohup env $TRAIN > train.log 2>&1 < /dev/null &"
+  on_all_workers "cd $REMOTE_DIR && nohup bash -c $(printf '%q' "$RETRY") > train.log 2>&1 < /dev/null &"
 else
-  on_all_workers "cd $REMOTE_DIR && $TRAIN"
+  on_all_workers "cd $REMOTE_DIR && $RETRY"
 fi
 
 # 4. Clean up.

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The command line: 0 done, 1 refused or failed (the `error: ...` line says why; nothing is
+  left at --dst), 2 bad flags. `--debug` (or ASD_JAX_DEBUG=1) shows tracebacks."""
+  from asd_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
   parser = _parser()
   args, unknown = parser.parse_known_args(argv)
   module = _module_for(args.command) if args.command in _MODULE_COMMANDS else None
@@ -74,19 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   # Imported here so that --help answers without loading jax.
   from asd_jax.convert import wan  # pylint: disable=g-import-not-at-top
-  from asd_jax.convert.common import ConversionError  # pylint: disable=g-import-not-at-top
-  try:
-    if module is not None:
-      return module.run(args)
-    if args.command == "wan":
-      wan.convert(args.src, args.dst, fmt=args.format, key=args.key, dtype=args.dtype,
-                  num_heads=args.num_heads, overwrite=args.overwrite, verbose=not args.quiet)
-    else:
-      wan.export_wan(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                     verbose=not args.quiet)
-  except (ConversionError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  if getattr(args, "num_heads", None) is not None and args.num_heads < 1:
+    parser.error(f"--num_heads must be >= 1, got {args.num_heads}.")
+  if module is not None:
+    return module.run(args)
+  if args.command == "wan":
+    wan.convert(args.src, args.dst, fmt=args.format, key=args.key, dtype=args.dtype,
+                num_heads=args.num_heads, overwrite=args.overwrite, verbose=not args.quiet)
+  else:
+    wan.export_wan(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                   verbose=not args.quiet)
   return 0
 
 

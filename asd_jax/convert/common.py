@@ -4,18 +4,16 @@ sub-dict, outputs that appear whole or not at all, listings, progress, in-memory
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from asd_jax.io import atomic
 
 # Module wrappers that training code puts anywhere in a key (FSDP, activation checkpointing,
 # torch.compile); dropped wherever they occur.
@@ -148,9 +146,16 @@ def select_weights(names: Iterable[str], roots: Iterable[str], *, key: str | Non
 # Outputs that appear whole or not at all.
 
 
-def check_destination(dst: str | os.PathLike, overwrite: bool, *, is_dir: bool = True) -> Path:
-  """Refuses an existing non-empty destination unless `overwrite`. Returns the absolute path."""
+def check_destination(dst: str | os.PathLike, overwrite: bool, *, is_dir: bool = True,
+                      src: str | os.PathLike | None = None) -> Path:
+  """Refuses an existing non-empty destination unless `overwrite`, and one equal to, inside or
+  containing `src` (whatever `overwrite` says). Returns the absolute path."""
   dst = Path(dst).expanduser().absolute()
+  if src is not None:
+    try:
+      atomic.check_disjoint(src, dst)
+    except atomic.DestinationError as e:
+      raise ConversionError(str(e)) from None
   if dst.exists():
     if is_dir and not dst.is_dir():
       raise ConversionError(f"--dst {dst} exists and is not a directory.")
@@ -162,74 +167,26 @@ def check_destination(dst: str | os.PathLike, overwrite: bool, *, is_dir: bool =
   return dst
 
 
-def _make_parents(path: Path) -> list[Path]:
-  made = []
-  p = path
-  while not p.exists():
-    made.append(p)
-    p = p.parent
-  for d in reversed(made):
-    d.mkdir()
-  return made
+def check_space(dst: Path, specs: Mapping[Any, tuple[tuple, np.dtype]], what: str, *,
+                staging: bool = True) -> int:
+  """Refuses to start when the disk at `dst` cannot hold the output (and its staging copy).
 
-
-def _remove_empty(dirs: list[Path]) -> None:
-  for d in dirs:  # deepest first
-    try:
-      d.rmdir()
-    except OSError:
-      break
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-  """Moves tmp to dst; an existing dst is moved aside first and deleted only after the swap."""
-  if dst.exists():
-    old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dst, old)
-    try:
-      os.rename(tmp, dst)
-    except BaseException:
-      os.rename(old, dst)
-      raise
-    if old.is_dir():
-      shutil.rmtree(old)
-    else:
-      old.unlink()
-  else:
-    os.rename(tmp, dst)
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: Path) -> Iterator[Path]:
-  """Yields a temporary sibling directory of `dst` that becomes `dst` when the block succeeds.
-
-  On any failure (including Ctrl-C) the temporary directory, and parents this created, are removed.
+  `specs` maps leaves to (shape, dtype) of what is written; the memory-mapped staging arrays take
+  as much again until Orbax has written them. Returns the bytes needed.
   """
-  made = _make_parents(dst.parent)
-  tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
+  size = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+             for shape, dtype in specs.values())
+  need = size * (2 if staging else 1)
   try:
-    yield tmp
-    _replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    _remove_empty(made)
-    raise
+    atomic.check_free_space(dst, need, what)
+  except atomic.DestinationError as e:
+    raise ConversionError(str(e)) from None
+  return need
 
 
-@contextlib.contextmanager
-def atomic_file(dst: Path) -> Iterator[Path]:
-  """Yields a temporary sibling file name that replaces `dst` when the block succeeds."""
-  made = _make_parents(dst.parent)
-  fd, name = tempfile.mkstemp(prefix=f"{dst.name}.tmp-", dir=dst.parent)
-  os.close(fd)
-  tmp = Path(name)
-  try:
-    yield tmp
-    _replace(tmp, dst)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    _remove_empty(made)
-    raise
+# The temporary-sibling writes live in asd_jax.io.atomic (every writer of the project uses them).
+atomic_directory = atomic.atomic_directory
+atomic_file = atomic.atomic_file
 
 
 def is_float(dtype: np.dtype) -> bool:

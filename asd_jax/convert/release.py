@@ -15,7 +15,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from asd_jax.convert.common import ConversionError, atomic_directory, check_destination
+from asd_jax.io import atomic
 
 HELP = "a Wan 2.1 release folder (DiT, VAE, umT5, tokenizer) -> DIR/{dit,vae,umt5,tokenizer}."
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -45,6 +48,31 @@ def find_parts(src: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
   return parts
 
 
+def _bytes(path: Path) -> int:
+  if path.is_file():
+    return path.stat().st_size
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_space(dst: Path, parts: dict, dit_dtype: str) -> int:
+  """Refuses to start when the disk at `dst` cannot hold the release's conversion.
+
+  The estimate: the DiT's params in `dit_dtype` (from the safetensors headers) and the VAE and
+  umT5 at their source sizes, each twice (the memory-mapped staging copy and the Orbax output
+  exist together while a part is written), plus the tokenizer. Returns the bytes needed.
+  """
+  from asd_jax.io import sources  # pylint: disable=g-import-not-at-top
+  reader = sources.open_checkpoint(parts["dit"], log=lambda m: None).reader
+  itemsize = 2 if dit_dtype == "bfloat16" else 4
+  dit = sum(int(np.prod(reader.shape(k), dtype=np.int64)) * itemsize for k in reader.keys())
+  need = 2 * (dit + _bytes(parts["vae"]) + _bytes(parts["umt5"])) + _bytes(parts["tokenizer"])
+  try:
+    atomic.check_free_space(dst, need, "the release conversion")
+  except atomic.DestinationError as e:
+    raise ConversionError(str(e)) from None
+  return need
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: str | None = None,
             dit_dtype: str = "float32", overwrite: bool = False, verbose: bool = True) -> Path:
   """Converts every part of a release folder into `dst` (atomically). Returns `dst`."""
@@ -52,8 +80,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, tokenizer: str | 
   from asd_jax.convert import vae as vae_convert  # pylint: disable=g-import-not-at-top
   from asd_jax.convert import wan as wan_convert  # pylint: disable=g-import-not-at-top
   parts = find_parts(src, tokenizer)
-  dst = check_destination(dst, overwrite)
+  dst = check_destination(dst, overwrite, src=src)
+  if tokenizer:
+    check_destination(dst, overwrite, src=tokenizer)
   log = (lambda m: print(m, file=sys.stderr)) if verbose else (lambda m: None)
+  check_space(dst, parts, dit_dtype)
   with atomic_directory(dst) as tmp:
     log("[1/4] DiT")
     wan_convert.convert(parts["dit"], tmp / "dit", fmt="original", dtype=dit_dtype,
@@ -80,10 +111,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  try:
-    convert(args.src, args.dst, tokenizer=args.tokenizer, dit_dtype=args.dtype,
-            overwrite=args.overwrite, verbose=not args.quiet)
-  except (ConversionError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  convert(args.src, args.dst, tokenizer=args.tokenizer, dit_dtype=args.dtype,
+          overwrite=args.overwrite, verbose=not args.quiet)
   return 0

@@ -392,7 +392,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
   log = common.log_stderr if verbose else common.quiet
   if dtype != "auto" and dtype not in DTYPES:
     raise ConversionError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}.")
-  dst = common.check_destination(dst, overwrite)
+  dst = common.check_destination(dst, overwrite, src=src)
   try:
     source = sources.open_checkpoint(src, log)
   except ValueError as e:
@@ -403,8 +403,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
   log(f"converting {len(plan.keys)} tensors ({plan.naming} names) into UMT5Config(d_model="
       f"{cfg.d_model}, heads={cfg.num_heads}, layers={cfg.num_layers}, vocab={cfg.vocab_size}) as "
       f"{plan.dtype} -> {dst}")
+  specs = _leaf_specs(cfg, DTYPES[plan.dtype])
+  common.check_space(dst, specs, "the umt5 conversion")
   with common.atomic_directory(dst) as tmp:
-    specs = _leaf_specs(cfg, DTYPES[plan.dtype])
     staging = orbax_io.MemmapStaging(tmp / ".staging", specs)
     _fill(source.reader, plan, staging.write, log)
     log("writing the Orbax checkpoint")

@@ -425,14 +425,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
   log = common.log_stderr if verbose else common.quiet
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-  dst = common.check_destination(dst, overwrite)
+  dst = common.check_destination(dst, overwrite, src=src)
   source = _open(src, log)
   plan = make_plan(source.reader, fmt=fmt, key=key, config_json=source.config, dtype=dtype,
                    log=log)
   log(f"converting {len(plan.keys)} tensors ({plan.naming} names) into VAEConfig("
       f"base_dim={plan.cfg.base_dim}, z_dim={plan.cfg.z_dim}) as {dtype} -> {dst}")
+  specs = _leaf_specs(plan.cfg, DTYPES[dtype])
+  common.check_space(dst, specs, "the vae conversion")
   with common.atomic_directory(dst) as tmp:
-    specs = _leaf_specs(plan.cfg, DTYPES[dtype])
     staging = orbax_io.MemmapStaging(tmp / ".staging", specs)
     _fill(source.reader, plan, staging.write, log)
     orbax_io.save_tree(tmp / PARAMS_DIR, staging.arrays())

@@ -188,7 +188,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
   log = common.log_stderr if verbose else common.quiet
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-  dst = common.check_destination(dst, overwrite)
+  dst = common.check_destination(dst, overwrite, src=src)
   try:
     source = sources.open_checkpoint(src, log)
   except ValueError as e:  # not a checkpoint, a bad index, ...: say what, without a traceback
@@ -197,8 +197,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, fmt: str = "auto"
                    dtype=dtype, log=log)
   log(f"converting {len(plan.keys)} tensors ({plan.naming} names) into WanConfig(dim={plan.cfg.dim}, "
       f"heads={plan.cfg.num_heads}, layers={plan.cfg.num_layers}) as {dtype} -> {dst}")
+  specs = _leaf_specs(plan.cfg, DTYPES[dtype])
+  common.check_space(dst, specs, "the wan conversion")
   with common.atomic_directory(dst) as tmp:
-    specs = _leaf_specs(plan.cfg, DTYPES[dtype])
     staging = orbax_io.MemmapStaging(tmp / ".staging", specs)
     _fill(source.reader, plan, staging.write, log)
     log("writing the Orbax checkpoint")
@@ -265,7 +266,7 @@ def export_wan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
   src = Path(src).expanduser()
   if not src.exists():
     raise FileNotFoundError(f"--src {src} does not exist.")
-  dst = common.check_destination(dst, overwrite, is_dir=False)
+  dst = common.check_destination(dst, overwrite, is_dir=False, src=src)
   _, cfg = read_converted(src)
   leaves = orbax_io.tree_metadata(src / PARAMS_DIR)
   expected = orbax_io.flatten(wan.abstract_params(cfg))
@@ -280,6 +281,7 @@ def export_wan(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | N
   out_dtype = {n: DTYPES[dtype] if dtype else leaves[s.path].dtype for n, s in keys.items()}
   specs = {n: (s.torch_shape, out_dtype[n]) for n, s in keys.items()}
   stores: dict[tuple[str, ...], Any] = {}
+  common.check_space(dst, specs, "the safetensors export", staging=False)
   bar = common.progress(sum(int(np.prod(s.torch_shape)) for s in keys.values()), "export", log)
 
   def produce(name: str) -> np.ndarray:

@@ -445,37 +445,65 @@ def load_encoder(umt5_dir: str, tokenizer_dir: str, *, dtype: str, text_len: int
                           batch_size=batch_size)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+def estimate_bytes(prompts: Sequence[str], text_len: int, d_model: int, store_dtype: str) -> int:
+  """About the bytes a build of `prompts` writes: each prompt's context trimmed to about one
+  token per 3 UTF-8 bytes (umT5's sentencepiece averages nearer 4) plus the end token, capped
+  at `text_len`; errs on the large side."""
+  itemsize = _store_dtype(store_dtype).itemsize
+  tokens = sum(min(text_len, len(p.encode("utf-8")) // 3 + 2) for p in prompts)
+  return (tokens + text_len) * d_model * itemsize  # + the negative prompt
+
+
+def _encoder_width(umt5_dir: str) -> int | None:
+  """d_model of a converted umT5 directory (its config.json), None when it does not say."""
   try:
-    # Everything that can be checked is checked before the (slow) encoder loads.
-    if not _NAME_RE.match(args.name):
-      raise BuildError(f"--name must be lowercase letters, digits and underscores, starting "
-                       f"with a letter; got {args.name!r}.")
-    if args.batch_size < 1 or args.text_len < 1:
-      raise BuildError("--batch_size and --text_len must be >= 1.")
-    source = read_prompts(args.prompts)
-    check_out_dir(args.out, overwrite=args.overwrite)
-    for flag in ("umt5", "tokenizer"):
-      if not Path(getattr(args, flag)).expanduser().is_dir():
-        raise FileNotFoundError(f"--{flag} {getattr(args, flag)} is not a directory.")
-  except (BuildError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    meta = json.loads((Path(umt5_dir).expanduser() / "config.json").read_text())
+    return int(meta["config"]["d_model"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: 0 done, 2 bad input (nothing created), 1 a failure while building.
+  `--debug` (or ASD_JAX_DEBUG=1) shows the traceback of an expected failure."""
+  from asd_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(_main, argv, usage_errors=(ValueError, FileNotFoundError))
+
+
+def _main(argv: Sequence[str]) -> int:
+  from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+  args = _parser().parse_args(argv)
+  # Everything that can be checked is checked before the (slow) encoder loads.
+  if not _NAME_RE.match(args.name):
+    raise BuildError(f"--name must be lowercase letters, digits and underscores, starting "
+                     f"with a letter; got {args.name!r}.")
+  if args.batch_size < 1 or args.text_len < 1:
+    raise BuildError(f"--batch_size and --text_len must be >= 1, got {args.batch_size} and "
+                     f"{args.text_len}.")
+  source = read_prompts(args.prompts)
+  out = check_out_dir(args.out, overwrite=args.overwrite)
+  for flag in ("umt5", "tokenizer"):
+    if not Path(getattr(args, flag)).expanduser().is_dir():
+      raise FileNotFoundError(f"--{flag} {getattr(args, flag)} is not a directory.")
+  try:
+    atomic.check_disjoint(args.prompts, out, "--prompts", "--out")
+    atomic.check_writable_dir(out.parent, "--out's folder")
+    d_model = _encoder_width(args.umt5)
+    if d_model:
+      atomic.check_free_space(out, estimate_bytes(source.prompts, args.text_len, d_model,
+                                                  args.store_dtype), "the prompt dataset", "--out")
+  except atomic.DestinationError as e:
+    raise BuildError(str(e)) from None
   print(source.summary(), file=sys.stderr)
   encoder = load_encoder(args.umt5, args.tokenizer, dtype=args.dtype, text_len=args.text_len,
                          batch_size=args.batch_size)
   extra = {"prompts_file": str(source.path.absolute()), "num_blank_lines": source.num_blank,
            "num_duplicates": source.num_duplicates, "umt5": str(Path(args.umt5).absolute()),
            "tokenizer": str(Path(args.tokenizer).absolute()), "encoder_dtype": args.dtype}
-  try:
-    out = build_dataset(source.prompts, args.out, encoder, negative_prompt=args.negative_prompt,
-                        text_len=args.text_len, batch_size=args.batch_size, name=args.name,
-                        store_dtype=args.store_dtype, overwrite=args.overwrite, extra_info=extra,
-                        progress=not args.quiet)
-  except BuildError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out = build_dataset(source.prompts, args.out, encoder, negative_prompt=args.negative_prompt,
+                      text_len=args.text_len, batch_size=args.batch_size, name=args.name,
+                      store_dtype=args.store_dtype, overwrite=args.overwrite, extra_info=extra,
+                      progress=not args.quiet)
   print(f"wrote {len(source.prompts)} prompts and the negative prompt to {out}", file=sys.stderr)
   return 0
 

@@ -349,6 +349,7 @@ def build_ode_pairs(prompts: str | os.PathLike, teacher: str | os.PathLike,
   if tmp.exists() and not resume:
     raise OdePairError(f"{tmp} holds an interrupted build of {out}; pass --resume to continue it "
                        f"(with the same settings), or delete it.")
+  _check_space(out, tmp, n * example_bytes)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp.mkdir(exist_ok=True)
   lock = open(tmp / ".lock", "w")  # pylint: disable=consider-using-with
@@ -709,25 +710,50 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _check_space(out: Path, tmp: Path, need: int) -> None:
+  """Refuses a build the disk at `out` cannot hold (the shards a resumed build has are counted)."""
+  from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+  done = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+  try:
+    atomic.check_free_space(out, max(0, need - done), "the ODE-pair dataset", "--out")
+  except atomic.DestinationError as e:
+    raise OdePairError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: 0 done, 2 bad input (nothing created), 1 a failure while generating.
+  `--debug` (or ASD_JAX_DEBUG=1) shows the traceback of an expected failure."""
+  from asd_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(_main, argv, usage_errors=(ValueError, FileNotFoundError))
+
+
+def _main(argv: Sequence[str]) -> int:
+  from asd_jax import cli  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   try:
     timesteps = [float(t) for t in args.training_timesteps.replace(" ", "").split(",") if t]
   except ValueError:
-    print(f"error: --training_timesteps must be comma-separated numbers, got "
-          f"{args.training_timesteps!r}.", file=sys.stderr)
-    return 2
-  try:
-    out = build_ode_pairs(
-        args.prompts, args.teacher, args.out, num_examples=args.num_examples, frames=args.frames,
-        height=args.height, width=args.width, steps=args.steps, shift=args.shift,
-        guidance_scale=args.guidance, training_timesteps=timesteps, seed=args.seed,
-        batch_size=args.batch_size, dtype=args.dtype, param_dtype=args.param_dtype,
-        store_dtype=args.store_dtype, examples_per_shard=args.examples_per_shard, name=args.name,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-  except (build.BuildError, prompts_lib.DatasetError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise cli.UsageError(f"--training_timesteps must be comma-separated numbers, got "
+                         f"{args.training_timesteps!r}.") from None
+  if args.steps < 1:
+    raise cli.UsageError(f"--steps must be >= 1, got {args.steps}.")
+  if not args.shift > 0 or not np.isfinite(args.shift):
+    raise cli.UsageError(f"--shift must be a finite number > 0, got {args.shift}.")
+  if not args.guidance >= 0 or not np.isfinite(args.guidance):
+    raise cli.UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}.")
+  from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+  for flag in ("prompts", "teacher"):
+    try:
+      atomic.check_disjoint(getattr(args, flag), args.out, f"--{flag}", "--out")
+    except atomic.DestinationError as e:
+      raise cli.UsageError(str(e)) from None
+  out = build_ode_pairs(
+      args.prompts, args.teacher, args.out, num_examples=args.num_examples, frames=args.frames,
+      height=args.height, width=args.width, steps=args.steps, shift=args.shift,
+      guidance_scale=args.guidance, training_timesteps=timesteps, seed=args.seed,
+      batch_size=args.batch_size, dtype=args.dtype, param_dtype=args.param_dtype,
+      store_dtype=args.store_dtype, examples_per_shard=args.examples_per_shard, name=args.name,
+      resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
   print(f"wrote {OdePairDataset(out)!r}", file=sys.stderr)
   return 0
 

@@ -16,7 +16,10 @@ Any orbax reader restores these checkpoints (`StandardCheckpointer`, `PyTreeChec
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -27,6 +30,45 @@ import tensorstore as ts
 from etils import epath
 
 CHUNK_BYTES = 64 * 1024 * 1024
+# tensorstore's words for a file it cannot read, e.g. 'Error reading local file "F": Truncated
+# Zstd-compressed stream' (zarr) or 'Error reading "w/0" in OCDBT database at local file "D/":
+# Requested byte range [0, 2299) is not valid for value of size 1283' (OCDBT).
+_READ_ERROR = re.compile(r'Error (?:reading|opening|decoding) (?:"([^"]+)" in OCDBT database at )?'
+                         r'(?:local )?file "([^"]+)": ([^\n]*)')
+
+
+class _DropOcdbtMergeNote(logging.Filter):
+  """Orbax logs "Skipping merge of OCDBT checkpoints" at WARNING on every non-OCDBT save (ours,
+  on purpose: see the module docstring); the note says nothing is wrong, so it is dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropOcdbtMergeNote())
+
+
+class DamagedCheckpointError(ValueError):
+  """A saved checkpoint cannot be read: a file is missing, truncated or corrupt."""
+
+
+def read_failure(e: BaseException) -> str:
+  """'FILE: cause' of a failed read, from the chain of a tensorstore/Orbax exception (one line)."""
+  seen, chain = set(), []
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for exc in chain:
+    m = _READ_ERROR.search(str(exc))
+    if m:
+      key = f" (key {m.group(1)})" if m.group(1) else ""
+      return f"{m.group(2)}{key}: {m.group(3).strip()}"
+  for exc in reversed(chain):  # the root cause first
+    text = " ".join(str(exc).split())
+    if text:
+      return f"{type(exc).__name__}: {text[:300]}"
+  return type(chain[0]).__name__
 # Per-layer chunks only pay off when a layer slice is not tiny (each chunk is a file).
 _LAYER_CHUNK_MIN_BYTES = 1024 * 1024
 
@@ -66,6 +108,25 @@ def unflatten(flat: Mapping[PathTuple, Any]) -> dict[str, Any]:
   return tree
 
 
+def _allocate(path: Path, size: int) -> None:
+  """Creates `path` with `size` bytes reserved on disk.
+
+  The blocks are allocated now (posix_fallocate), not when a memory-mapped page is first written:
+  a sparse file on a disk that fills up kills the process with SIGBUS at that write, while a
+  failed allocation here is an OSError (ENOSPC) with a message. File systems without fallocate
+  get a sparse file (the CLIs check the free space before they start).
+  """
+  with open(path, "wb") as fh:
+    if size:
+      try:
+        os.posix_fallocate(fh.fileno(), 0, size)
+        return
+      except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+          raise OSError(e.errno, e.strerror, str(path)) from None
+    fh.truncate(size)
+
+
 class MemmapStaging:
   """One disk-backed array per leaf, filled piecewise (e.g. layer by layer), then saved.
 
@@ -80,8 +141,7 @@ class MemmapStaging:
     self.files = {}
     for i, (path, (shape, dtype)) in enumerate(self.specs.items()):
       f = self.folder / f"{i:04d}_{leaf_name(path)}.bin"
-      with open(f, "wb") as fh:  # sparse file of the final size
-        fh.truncate(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+      _allocate(f, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
       self.files[path] = f
 
   def write(self, path: PathTuple, index: int | None, value: np.ndarray) -> None:
@@ -158,9 +218,22 @@ class LeafMeta:
 
 
 def tree_metadata(directory: str | os.PathLike) -> dict[PathTuple, LeafMeta]:
-  """{path: LeafMeta} of a saved PyTree checkpoint, without reading any array data."""
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(as_path(directory)).item_metadata
+  """{path: LeafMeta} of a saved PyTree checkpoint, without reading any array data.
+
+  Raises:
+    FileNotFoundError when `directory` does not exist; DamagedCheckpointError (one line: the file
+    and the cause) when its metadata cannot be read.
+  """
+  if not as_path(directory).exists():
+    raise FileNotFoundError(f"{directory} does not exist.")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(as_path(directory)).item_metadata
+  except Exception as e:  # pylint: disable=broad-except  (Orbax raises assorted types)
+    raise DamagedCheckpointError(f"{directory} is damaged: {read_failure(e)}") from e
+  if meta is None or getattr(meta, "tree", None) is None:
+    raise DamagedCheckpointError(f"{directory} is damaged: its tree metadata (_METADATA) is "
+                                 f"missing.")
   use_zarr3 = bool(getattr(meta, "use_zarr3", False))
   return {p: LeafMeta(m.name, tuple(m.shape), np.dtype(m.dtype), use_zarr3)
           for p, m in flatten(dict(meta.tree)).items()}
@@ -178,9 +251,39 @@ def open_leaf(directory: str | os.PathLike, leaf: LeafMeta) -> ts.TensorStore:
 
 
 def restore(directory: str | os.PathLike, target: Any) -> Any:
-  """Restores into the abstract `target` tree (jax.ShapeDtypeStruct leaves, with shardings)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(as_path(directory), target)
+  """Restores into the abstract `target` tree (jax.ShapeDtypeStruct leaves, with shardings).
+
+  Raises:
+    DamagedCheckpointError naming the file that cannot be read and why, in one line.
+  """
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(as_path(directory), target)
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore raises assorted types)
+    cause = read_failure(e)
+  _drop_failed_reads()
+  raise DamagedCheckpointError(f"{directory} is damaged: {cause}")
+
+
+def _drop_failed_reads() -> None:
+  """Silences the reports of the read coroutines a failed restore abandons.
+
+  Python prints one "Exception ignored in <coroutine _read_array_index_and_device_put>" with a
+  TensorStore spec per unread leaf when they are finalised (at exit); the cause is already in our
+  one-line message, so these reports (only these) are dropped from now on.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  previous = sys.unraisablehook
+  if getattr(previous, "_asd_jax_drops_reads", False):
+    return
+
+  def hook(unraisable):
+    if getattr(getattr(unraisable, "object", None), "__name__", "") == (
+        "_read_array_index_and_device_put"):
+      return
+    previous(unraisable)
+  hook._asd_jax_drops_reads = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def restore_checked(params_dir: str | os.PathLike, abstract: Any, *, shardings: Any = None,

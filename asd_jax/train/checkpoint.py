@@ -21,11 +21,18 @@ previous checkpoints untouched and is never picked as the latest; leftover tempo
 are removed when a Checkpointer opens the directory. Arrays are written by every process (each
 its own shards); the JSON metadata by process 0 only.
 
+Damage: `restore_latest` tries the newest checkpoint first; one that cannot be read (a truncated
+or missing file) is reported in one line (the file and the cause), moved aside to
+`DIR.damaged/STEP`, and the previous one is tried, so a run resumes from the newest good
+checkpoint. A checkpoint that reads but does not fit the state (another config) is an error.
+
 Preemption: on one process a SIGTERM handler sets a flag; the next `save` call (the next step
 boundary) writes a checkpoint whatever the step, waits for it, and `should_stop()` turns True. With
 several processes JAX's own preemption service receives the SIGTERM and picks a step that every
 process reaches (`multihost_utils.reached_preemption_sync_point`), so all hosts save the same step;
 this only needs `save` to be called at every step on every process, which the loop above does.
+`preempted()` tells the entry point that a run stopped for a preemption notice (it then exits with
+`asd_jax.cli.EXIT_PREEMPTED`, 75, so that launch scripts run it again).
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -49,6 +58,44 @@ _log = logging.getLogger(__name__)
 
 STATE = "state"
 METADATA = "metadata"
+DAMAGED_SUFFIX = ".damaged"
+
+_PREEMPTED = threading.Event()  # set once any Checkpointer stopped a run for a preemption
+
+
+def preempted() -> bool:
+  """Whether a Checkpointer of this process wrote a preemption checkpoint and asked to stop."""
+  return _PREEMPTED.is_set()
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps of the complete checkpoints in `directory`, ascending, without opening a manager
+  (nothing is created; none when the directory does not exist)."""
+  directory = orbax_io.as_path(directory)
+  if not directory.exists():
+    return []
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def start_status(directory: str | os.PathLike, total_steps: int, *, export: bool = True) -> str:
+  """What a run over `directory` will do, for its first line: start fresh, resume from step N, or
+  nothing left to do (a damaged newest checkpoint is reported, and skipped, when restoring)."""
+  steps = complete_steps(directory)
+  where = orbax_io.as_path(directory).parent
+  if not steps:
+    return f"starting fresh in {where} ({total_steps} steps)"
+  if steps[-1] >= total_steps:
+    return (f"nothing left to do in {where}: checkpoint {steps[-1]} reached total_steps "
+            f"{total_steps}" + ("; writing the export" if export else ""))
+  return f"resuming {where} from step {steps[-1]} of {total_steps} (checkpoints: {steps})"
+
+
+class DamagedCheckpointError(orbax_io.DamagedCheckpointError):
+  """A training checkpoint cannot be read (a file is missing, truncated or corrupt)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def _json_default(x: Any) -> Any:
@@ -92,6 +139,28 @@ def _abstract_leaf(x: Any) -> Any:
   return x  # numpy arrays come back as numpy arrays, Python scalars as saved.
 
 
+def _damage(e: BaseException) -> str | None:
+  """'FILE: cause' when a restore failed on an unreadable file (truncated, corrupt, missing)."""
+  seen = set()
+  x = e
+  while x is not None and id(x) not in seen:
+    seen.add(id(x))
+    if isinstance(x, FileNotFoundError):
+      return f"{x.filename or x}: missing"
+    x = x.__cause__ or x.__context__
+  cause = orbax_io.read_failure(e)
+  return cause if orbax_io._READ_ERROR.search(_chain_text(e)) else None  # pylint: disable=protected-access
+
+
+def _chain_text(e: BaseException) -> str:
+  seen, parts = set(), []
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    parts.append(str(e))
+    e = e.__cause__ or e.__context__
+  return "\n".join(parts)
+
+
 def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
   """A key path as names, the same for dict keys, attributes and sequence indices."""
   names = []
@@ -129,7 +198,11 @@ class Checkpointer:
         the next step boundary followed by `should_stop() == True` (restored by `close`).
     """
     if save_interval_steps <= 0:
-      raise ValueError(f"save_interval_steps must be positive, got {save_interval_steps}.")
+      raise ValueError(f"save_interval_steps (checkpoint.every of a training config) must be "
+                       f">= 1, got {save_interval_steps}.")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep (checkpoint.keep of a training config) must be >= 1 (or None "
+                       f"for all), got {max_to_keep}: with none kept a run could never resume.")
     self.directory = orbax_io.as_path(directory)
     self.save_interval_steps = int(save_interval_steps)
     self._async = bool(async_save)
@@ -236,6 +309,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._stop_requested = False  # later calls save on the usual interval only
       self._stopping = True
+      _PREEMPTED.set()
     elif not self._async:
       self._manager.wait_until_finished()
     return saved
@@ -270,15 +344,74 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; available: "
                               f"{self.all_steps()}.")
     target = jax.tree.map(_abstract_leaf, abstract_state)
+    where = f"checkpoint {step} in {self.directory}"
     self._check_shapes(step, target)
     args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target),
                                  METADATA: ocp.args.JsonRestore()})
     try:
       restored = self._manager.restore(step, args=args)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"checkpoint {step} in {self.directory} does not fit the given abstract "
-                       f"state (different structure, shapes or dtypes?): {e}") from e
-    return restored[STATE], dict(restored[METADATA] or {})
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/tensorstore raise assorted types)
+      damaged = _damage(e)
+      if damaged is None and not isinstance(e, (ValueError, KeyError, TypeError)):
+        raise
+      message = (f"{where} is damaged: {damaged}" if damaged else
+                 f"{where} does not fit the given abstract state (different structure, shapes or "
+                 f"dtypes?): {orbax_io.read_failure(e)}")
+    else:
+      return restored[STATE], dict(restored[METADATA] or {})
+    orbax_io._drop_failed_reads()  # pylint: disable=protected-access
+    raise (DamagedCheckpointError(message, step) if damaged else ValueError(message))
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest checkpoint that can be read; None when there is none.
+
+    A damaged checkpoint (see `restore`) is reported in one line at WARNING, moved aside to
+    `DIRECTORY.damaged/STEP` (so later saves of that step are not skipped and the next run does
+    not meet it again) and the previous one is tried. A checkpoint that does not fit the state
+    raises ValueError, as `restore` does; when every checkpoint is damaged the last
+    DamagedCheckpointError is raised.
+
+    Returns:
+      (state, metadata, step) or None.
+    """
+    error = None
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, metadata = self.restore(abstract_state, step)
+      except DamagedCheckpointError as e:
+        error = e
+        older = [s for s in self.all_steps() if s < step]
+        _log.warning("%s; %s", e, f"falling back to checkpoint {older[-1]}" if older else
+                     "no older checkpoint to fall back to")
+        self._move_aside(step)
+        continue
+      if error is not None:
+        _log.warning("resumed from checkpoint %d, the newest that could be read.", step)
+      return state, metadata, step
+    if error is not None:
+      raise error
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Moves a damaged step directory to DIRECTORY.damaged/STEP-TIME (process 0; all wait)."""
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      if src.exists():
+        aside = self.directory.parent / (self.directory.name + DAMAGED_SUFFIX)
+        aside.mkdir(parents=True, exist_ok=True)
+        dst = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+          src.rename(dst)
+        except OSError:  # object stores cannot rename: delete
+          if "://" in str(src):
+            src.rmtree()
+          else:
+            shutil.rmtree(src, ignore_errors=True)
+        _log.warning("moved the damaged checkpoint %d to %s", step, dst)
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"asd_jax_checkpoint_aside_{step}")
+    self._manager.reload()
 
   def _check_shapes(self, step: int, target: Any) -> None:
     """Names the leaves whose stored shape differs from the requested one, before reading."""
@@ -317,12 +450,14 @@ class Checkpointer:
       (state, metadata, step): step is the restored step (updates already done), or None when
       `init_fn` was called (metadata is then {}).
     """
-    step = self.latest_step()
-    if step is None:
+    if self.latest_step() is None:
       return init_fn(), {}, None
     if abstract_state is None:
       abstract_state = jax.eval_shape(init_fn)
-    state, metadata = self.restore(abstract_state, step)
+    restored = self.restore_latest(abstract_state)
+    if restored is None:
+      return init_fn(), {}, None
+    state, metadata, step = restored
     _log.info("resumed from checkpoint %d in %s", step, self.directory)
     return state, metadata, step
 
