@@ -97,9 +97,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     distill = c.stage in ("dmd", "asd")
     ckpt = Checkpointer(workdir / "checkpoints", save_interval_steps=c.checkpoint.every,
                         max_to_keep=c.checkpoint.keep)
-    start = ckpt.latest_step()
+    # The newest checkpoint that reads (a damaged one is reported and moved aside), or None.
+    restored = ckpt.restore_latest(progs.state)
     guard = NonFiniteGuard(c.max_nonfinite)
-    if start is None:  # a fresh run: weights read (or drawn) straight into their shards
+    if restored is None:  # a fresh run: weights read (or drawn) straight into their shards
       generator = _params_or_init(c.init.student, progs.student_cfg, k_gen, mesh, rules)
       critic_params = (_params_or_init(c.init.critic or c.init.teacher, progs.critic_cfg,
                                        k_critic, mesh, rules) if distill else {})
@@ -110,7 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
       del generator, critic_params, heads_params  # the state holds copies
       start = 0
     else:  # resuming: the checkpoint has every trained network, no weights are read
-      state, meta = ckpt.restore(progs.state)
+      state, meta, start = restored
       guard.load_state(meta.get("guard", {}))
     teacher_params = ({} if progs.teacher_cfg is None else
                       _params_or_init(c.init.teacher, progs.teacher_cfg, k_teacher, mesh, rules))
