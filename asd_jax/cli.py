@@ -14,6 +14,7 @@ resume (75 is sysexits' EX_TEMPFAIL; the launch/ scripts re-run on it), 130 inte
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -53,6 +54,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def message(e: BaseException) -> str:
   """The text after `error: ` for an expected failure."""
+  if isinstance(e, OSError) and e.errno == errno.ENOSPC and e.filename is None and e.strerror:
+    return e.strerror  # a message of our own (a free-space check), figures included
   if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.errno is not None:
     from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
     return atomic.describe_os_error(e)

@@ -352,6 +352,25 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
   assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.damaged").iterdir()] == ["3"]
 
 
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
+  # An asynchronous save onto a full disk fails in Orbax's writer threads with a traceback
+  # each; the state's size is checked first (when the run starts, and before every save).
+  from asd_jax.train.checkpoint import Checkpointer
+  state = {"w": jnp.zeros((100_000,)), "key": jax.random.key(0)}
+  monkeypatch.setattr(atomic, "free_bytes", lambda p: 300_000)
+  with Checkpointer(tmp_path / "checkpoints", handle_sigterm=False) as ck:
+    with pytest.raises(OSError) as e:
+      ck.restore_latest(jax.eval_shape(lambda: state))
+    assert e.value.errno == errno.ENOSPC
+    assert cli.message(e.value) == (
+        f"not enough free disk for a checkpoint: it needs about 400.0 kB at --workdir "
+        f"{tmp_path / 'checkpoints'}, which has 300.0 kB free; free some space or choose "
+        f"another --workdir.")
+    with pytest.raises(OSError, match="checkpoint 1"):
+      ck.save(1, state, force=True)
+    assert ck.all_steps() == []
+
+
 def test_keep_zero_and_every_zero_answer_in_config_names(tmp_path):
   from asd_jax.train.checkpoint import Checkpointer
   with pytest.raises(ValueError, match=r"checkpoint\.keep"):

@@ -37,6 +37,7 @@ this only needs `save` to be called at every step on every process, which the lo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -137,6 +138,15 @@ def _abstract_leaf(x: Any) -> Any:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_default_sharding())
     return x
   return x  # numpy arrays come back as numpy arrays, Python scalars as saved.
+
+
+def _nbytes(x: Any) -> int:
+  """Bytes a leaf takes in a checkpoint (typed PRNG keys as their key data)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    return 0
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 def _damage(e: BaseException) -> str | None:
@@ -297,6 +307,8 @@ class Checkpointer:
     if not (force or preempted or step % self.save_interval_steps == 0):
       return False
     saved = False
+    if step not in self._manager.all_steps():
+      self.check_space(state, f"checkpoint {step}")
     if step in self._manager.all_steps():
       _log.info("checkpoint %d already exists in %s; not saving it again.", step, self.directory)
     else:
@@ -362,8 +374,27 @@ class Checkpointer:
     orbax_io._drop_failed_reads()  # pylint: disable=protected-access
     raise (DamagedCheckpointError(message, step) if damaged else ValueError(message))
 
+  def check_space(self, state: Any, what: str = "a checkpoint") -> int:
+    """Raises OSError (ENOSPC, with the figures) when the disk cannot hold a checkpoint of
+    `state` (arrays or ShapeDtypeStructs), before anything is written; returns the bytes needed.
+
+    Without this an asynchronous save onto a full disk fails in Orbax's writer threads, each
+    logging its own traceback. Object stores (gs://...) are not checked."""
+    need = sum(_nbytes(x) for x in jax.tree.leaves(state))
+    if "://" in str(self.directory):
+      return need
+    from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+    try:
+      atomic.check_free_space(self.directory, need, what, "--workdir")
+    except atomic.DestinationError as e:
+      raise OSError(errno.ENOSPC, str(e)) from None
+    return need
+
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest checkpoint that can be read; None when there is none.
+
+    First checks that the disk can hold a checkpoint of the state (`check_space`), so that a
+    run meant to fail on a full disk fails before it computes anything.
 
     A damaged checkpoint (see `restore`) is reported in one line at WARNING, moved aside to
     `DIRECTORY.damaged/STEP` (so later saves of that step are not skipped and the next run does
@@ -374,6 +405,7 @@ class Checkpointer:
     Returns:
       (state, metadata, step) or None.
     """
+    self.check_space(abstract_state)
     error = None
     for step in sorted(self.all_steps(), reverse=True):
       try:
