@@ -189,6 +189,23 @@ def test_convert_onto_a_full_disk_fails_with_a_message(tmp_path, small_disk, cap
   assert os.listdir(small_disk) == []
 
 
+def test_a_missing_diffusers_key_is_named_as_in_the_users_file(tmp_path):
+  import safetensors.numpy
+  from asd_jax.convert import wan as cw
+  from asd_jax.convert import wan_keys
+  from asd_jax.convert.common import ConversionError
+  from asd_jax.models import wan
+  cfg = wan.WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=3, freq_dim=16, text_dim=12,
+                      in_channels=4, out_channels=8)
+  state = {wan_keys.original_to_diffusers(n): np.zeros(spec.torch_shape, np.float32)
+           for n, spec in wan_keys.expected_keys(cfg).items()}
+  del state["blocks.1.attn2.to_k.weight"]
+  safetensors.numpy.save_file(state, tmp_path / "d.safetensors")
+  with pytest.raises(ConversionError, match=r"missing \(1\):\n    blocks\.1\.attn2\.to_k\.weight "
+                     r"\(original name blocks\.1\.cross_attn\.k\.weight\) \[32, 32\]"):
+    cw.convert(tmp_path / "d.safetensors", tmp_path / "out", num_heads=2, verbose=False)
+
+
 def test_damaged_converted_directory_is_named_in_one_line(tmp_path):
   from asd_jax import pretrained
   from asd_jax.convert import wan as cw

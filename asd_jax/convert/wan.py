@@ -80,8 +80,12 @@ def make_plan(reader: sources.TensorReader, *, fmt: str = "auto", key: str | Non
   cfg, info = infer_config(shapes, config_json, num_heads, dtype, log)
   expected = wan_keys.expected_keys(cfg)
 
-  missing = [f"{n} {common.fmt_shape(spec.torch_shape)}" for n, spec in expected.items()
-             if n not in canonical]
+  def in_users_names(n: str) -> str:  # a missing key as the checkpoint would name it
+    theirs = wan_keys.original_to_diffusers(n) if naming == "diffusers" else None
+    return f"{theirs} (original name {n})" if theirs and theirs != n else n
+
+  missing = [f"{in_users_names(n)} {common.fmt_shape(spec.torch_shape)}"
+             for n, spec in expected.items() if n not in canonical]
   unexpected, misshaped, bad_dtype = [], [], []
   for n, src in canonical.items():
     shown = n if src == n else f"{n} (in the checkpoint: {src})"
