@@ -69,10 +69,9 @@ def export_generator(params: Any, cfg: wan.WanConfig, out: str | Path, source: d
     arch = cfg.replace(dtype="float32", remat_policy="none").to_dict()
     (tmp / "config.json").write_text(json.dumps({"kind": "wan", "config": arch,
                                                  "source": source}, indent=2))
-    if out.exists():
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.rmtree(out)
-    tmp.rename(out)
+    # An existing export is moved aside and deleted only once the new one is in place.
+    from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+    atomic.replace(tmp, out)
   return out
 
 
