@@ -165,9 +165,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log=print,
   timing["evaluation"] = time.perf_counter() - t0
   timing["total"] = time.perf_counter() - t_start
   results["seconds"] = timing
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
+  atomic.write_text(workdir / "results.json", json.dumps(results, indent=1))
   report = render_report(results)
-  (workdir / "report.md").write_text(report)
+  atomic.write_text(workdir / "report.md", report)
   if show_report:
     log(report)
   return results
