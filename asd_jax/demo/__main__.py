@@ -13,6 +13,8 @@ distilled student is shown class by class, channels as colour. Needs the demo ex
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Sequence
 
@@ -33,8 +35,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--port", type=int, default=7860)
   p.add_argument("--height", type=int, default=480)
   p.add_argument("--width", type=int, default=832)
-  p.add_argument("--max_frames", type=int, default=321,
-                 help="longest video the page offers (video frames; toy: latent frames)")
+  p.add_argument("--max_frames", type=int, default=None,
+                 help="longest video the page offers (default 321 video frames, 4 x 81; toy: "
+                      "4 x the world's frames)")
   p.add_argument("--cache_frames", type=int, default=None,
                  help="latent frames in the KV cache; longer videos roll it (default: 21 = 81 "
                       "video frames, the trained length; toy: the world's frames)")
@@ -43,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
                  help="length of the warped schedule the generator was trained on")
   p.add_argument("--shift", type=float, default=5.0, help="timestep shift of that schedule")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--measure", type=int, default=0, metavar="N",
+                 help="instead of serving: time N generations of each setting through the "
+                      "server's engine and print JSON (first-chunk latency, frames per second)")
+  p.add_argument("--frames", type=int, default=0, help="video frames --measure generates "
+                 "(default: the longest the page offers)")
   return p
 
 
@@ -58,8 +66,10 @@ def check(args: argparse.Namespace) -> None:
   if args.sink_frames < 0 or args.sink_frames % 3:
     raise cli.UsageError(f"--sink_frames must be a non-negative multiple of 3, got "
                          f"{args.sink_frames}.")
-  if args.max_frames < 1:
+  if args.max_frames is not None and args.max_frames < 1:
     raise cli.UsageError(f"--max_frames must be positive, got {args.max_frames}.")
+  if args.measure < 0:
+    raise cli.UsageError(f"--measure must be >= 0, got {args.measure}.")
 
 
 def build_engine(args: argparse.Namespace):
@@ -72,14 +82,41 @@ def build_engine(args: argparse.Namespace):
   parts = sample.resolve_parts(args)
   models = sample.load_models(parts, args.dtype)
   return engine.WanEngine(models, few_step_schedule(args.training_steps, args.shift),
-                          height=args.height, width=args.width, max_frames=args.max_frames,
+                          height=args.height, width=args.width, max_frames=args.max_frames or 321,
                           cache_frames=21 if args.cache_frames is None else args.cache_frames,
                           sink_frames=args.sink_frames)
+
+
+def measure(eng, repeats: int, frames: int) -> dict:
+  """Times `repeats` generations of every setting (after one that compiles), as the server runs
+  them: seconds from the sampler's start to the first chunk's frames, and frames per second."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  frames = frames or eng.frame_options()[-1]
+  out = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+         "cpus": os.cpu_count(), "kind": eng.kind, "frames": frames,
+         "frame_size": list(eng.frame_size()), "video_fps": eng.fps,
+         "cache_frames": eng.cache_frames, "settings": {}}
+  for setting in eng.describe()["settings"]:
+    raw = {"setting": setting, "frames": frames, "seed": 0, "prompt": "a red cat", "class": 0}
+    spec = eng.validate(raw)
+    compile_s = eng.generate(spec).compile_s
+    runs = [eng.generate(eng.validate({**raw, "seed": i + 1})) for i in range(repeats)]
+    fps = [r.fps for r in runs]
+    lat = [r.first_chunk_s for r in runs]
+    out["settings"][setting] = {
+        "compile_s": compile_s, "fps_median": statistics.median(fps), "fps_min": min(fps),
+        "fps_max": max(fps), "first_chunk_s_median": statistics.median(lat),
+        "first_chunk_s_max": max(lat), "repeats": repeats}
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   check(args)
+  if args.measure:
+    print(json.dumps(measure(build_engine(args), args.measure, args.frames), indent=1))
+    return 0
   try:
     from aiohttp import web  # pylint: disable=g-import-not-at-top
   except ImportError:
