@@ -2,6 +2,10 @@
 
   python -m asd_jax.train --config=configs/self_forcing.py --workdir=runs/sf ...
 Arguments: `:tiny`, `:teacher=1.3b`.
+This is Self Forcing's own recipe (1:5:0, no discriminator). The baseline paired with an ASD run
+(same update ratio 1:4:1, batches and random draws, so that a difference is ASD's alone) is
+configs/asd.py with --config.asd.alpha=0: its generator equals this stage's with ratio 1:4:0 bit
+for bit (tests/test_toy_paired_arms.py).
 """
 
 from asd_jax.train.config import apply_arg, base_config

@@ -194,17 +194,43 @@ def test_asd_losses_by_hand(n):
       pytest.approx(math.log(2.0))
 
 
-def test_r1_r2_penalty_by_hand():
-  """A linear discriminator f = c * sum(x): the penalty is 0.5 c^2 sigma^2 (sum eps')^2 + ..."""
+@pytest.mark.parametrize("r_form,scale", [("eq6", 1.0), ("sigma", 1.0 / 0.05)])
+def test_r1_r2_penalty_by_hand(r_form, scale):
+  """A linear discriminator f = c * sum(x): the penalty is 0.5 c^2 sigma^2 (sum eps')^2 + ...
+  (Eq. 6), and 1 / sigma^2 = 400 times that with Self Forcing's division by sigma."""
   x = jnp.zeros((1, 3, 2, 2, 1))
   lin = lambda x, t: jnp.broadcast_to(2.0 * jnp.sum(x, axis=(1, 2, 3, 4))[:, None], (x.shape[0], 3))
   rng = jax.random.key(5)
-  _, m = losses.asd_discriminator_loss(lin, x, x, jnp.int32(1), rng, r_sigma=0.05)
-  k_ra, k_rb = jax.random.split(rng, 5)[3:]
+  _, m = losses.asd_discriminator_loss(lin, x, x, jnp.int32(1), rng, r_sigma=0.05, r_form=r_form)
+  k_ra, k_rb = jax.random.split(rng, 3)[1:]
   e_a = jnp.sum(jax.random.normal(k_ra, x.shape))
   e_b = jnp.sum(jax.random.normal(k_rb, x.shape))
-  expect = 0.5 * ((2.0 * 0.05 * e_a)**2 + (2.0 * 0.05 * e_b)**2)
+  expect = 0.5 * scale**2 * ((2.0 * 0.05 * e_a)**2 + (2.0 * 0.05 * e_b)**2)
   assert float(m["disc_reg"]) == pytest.approx(float(expect), rel=1e-4)
+  with pytest.raises(ValueError, match="r_form"):
+    losses.asd_discriminator_loss(lin, x, x, jnp.int32(1), rng, r_form="R1")
+
+
+def test_asd_timestep_laws():
+  ts = (1000.0, 937.5, 833.3333, 625.0)
+  k = jax.random.key(0)
+  sched = np.asarray(losses.asd_timesteps(k, 4000, t_law="schedule", timesteps=ts))
+  assert set(np.unique(sched).tolist()) == set(np.float32(ts).tolist())  # Algorithm 1, line 7
+  uni = np.asarray(losses.asd_timesteps(k, 4000, t_law="uniform", t_min=20.0, t_max=980.0))
+  assert uni.min() >= 20.0 and uni.max() <= 980.0 and abs(uni.mean() - 500.0) < 15.0
+  dmd = losses.asd_timesteps(k, 4000, t_law="dmd")
+  np.testing.assert_array_equal(dmd, losses.sample_timesteps(k, 4000))
+  assert float(jnp.mean(dmd)) > 700.0  # shift 5 pushes DMD's law to high noise
+  with pytest.raises(ValueError, match="t_law"):
+    losses.asd_timesteps(k, 4, t_law="beta")
+
+
+def test_pair_auc_and_its_chance_band():
+  assert losses.pair_auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+  assert losses.pair_auc([0.0, 1.0], [2.0, 3.0]) == 0.0
+  assert losses.pair_auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+  assert losses.pair_auc([1.0, 3.0], [2.0, 0.0]) == 0.75  # 3 of the 4 pairs ranked right
+  assert losses.auc_chance_band(64, 64) == pytest.approx(2.0 * math.sqrt(129 / (12 * 64 * 64)))
 
 
 def test_no_gradient_reaches_the_n_plus_one_step_sample(tiny):

@@ -117,7 +117,8 @@ def test_schedules_and_run_names():
   assert pipeline.run_alpha("dmd", 0.01) == ("dmd", 0.0)
   assert pipeline.run_alpha("asd", 0.01) == ("asd", 0.01)
   assert pipeline.run_alpha("asd@0.3", 0.01) == ("asd", 0.3)
-  for bad in ("asd@0", "asd@x", "gan"):
+  assert pipeline.run_alpha("asd@0", 0.01) == ("asd", 0.0)  # the ablation's paired baseline
+  for bad in ("asd@-1", "asd@x", "gan"):
     with pytest.raises(ValueError, match="unknown run"):
       pipeline.run_alpha(bad, 0.01)
 
@@ -200,7 +201,7 @@ def test_toy_config_budgets():
           quick.ode.pool, quick.pipeline.distill.total_steps) == (600, 150, 256, 100)
   assert (abl.pipeline.teacher_net.total_steps, abl.pipeline.ode_init.total_steps, abl.ode.pool,
           abl.pipeline.distill.total_steps, abl.ema.start, abl.pipeline.eval_samples) == (
-              1500, 600, 0, 300, 100, 128)
+              600, 200, 0, 300, 100, 128)
   smoke = toy_config("ablation,quick")
   assert smoke.pipeline.teacher == "analytic" and smoke.pipeline.distill.total_steps == 5
   with pytest.raises(ValueError, match="unknown config argument"):
@@ -223,8 +224,10 @@ def _shrink(c):
   c.pipeline.teacher_steps = 4
   c.ode.steps = 4
   c.progress = False
-  c.pipeline.runs = ("dmd", "asd")
+  c.pipeline.runs = ("dmd", "asd@0", "asd")
   c.asd.alpha = 0.5
+  c.asd.auc_every = 1
+  c.asd.auc_samples = 2
   return c
 
 
@@ -233,10 +236,10 @@ def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
   logs = []
   work = tmp_path / "seed_0"  # the ablation's layout
   results = pipeline.run(c, work, log=logs.append)
-  for stage in ("teacher", "ode_init", "dmd", "asd"):
+  for stage in ("teacher", "ode_init", "dmd", "asd@0", "asd"):
     assert (work / stage / "export" / "config.json").exists(), stage
   saved = json.loads((work / "results.json").read_text())
-  assert set(saved["runs"]) == {"ode_init", "dmd", "asd"}
+  assert set(saved["runs"]) == {"ode_init", "dmd", "asd@0", "asd"}
   for name, r in results["runs"].items():
     assert set(r["schedules"]) == {"4", "2", "2*", "1", "1*", "2/spread", "2*/spread"}
     for m in r["schedules"].values():
@@ -248,6 +251,10 @@ def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
   # The baseline's discriminator never ran; the ASD run logged its logit gap every step.
   assert np.all(np.isnan(results["runs"]["dmd"]["training"]["disc_logit_gap"]))
   assert np.all(np.isfinite(results["runs"]["asd"]["training"]["disc_logit_gap"]))
+  for run in ("asd@0", "asd"):  # the held-out AUC per n, every update (auc_every = 1)
+    auc = results["runs"][run]["training"]["disc_auc"]
+    assert sorted(auc) == ["1", "2", "3"] and auc["1"]["step"] == [1, 2]
+    assert all(0.0 <= a <= 1.0 for v in auc.values() for a in v["auc"])
   assert len(results["runs"]["asd"]["training"]["dmd_loss"]) == 2
   # The true data scores as the floor it is.
   assert results["data"]["precision"] > 0.9 and results["data"]["temporal_consistency"] == 1.0
@@ -256,19 +263,23 @@ def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
   # A second call finds every stage done and only evaluates again.
   logs.clear()
   again = pipeline.run(c, work, log=logs.append)
-  assert sum("done before" in line for line in logs) == 4
+  assert sum("done before" in line for line in logs) == 5
   assert again["runs"]["dmd"]["schedules"] == results["runs"]["dmd"]["schedules"]
 
   # The ablation's aggregation, report, plots and videos on these (two identical "seeds").
-  s = ablation.summarise([results, again], alpha=0.5)
+  s = ablation.summarise([results, again])
   assert s["schedules"]["dmd"]["1*"]["nll_per_dim"] == [results["runs"]["dmd"]["schedules"]["1*"]
                                                         ["nll_per_dim"]] * 2
+  d = s["paired"]["asd"]["nll_per_dim@1"]  # arm - baseline, seed by seed
+  base = results["runs"]["asd@0"]["schedules"]["1"]["nll_per_dim"]
+  arm = results["runs"]["asd"]["schedules"]["1"]["nll_per_dim"]
+  assert d["diffs"] == [arm - base] * 2 and d["n"] == 2
   text = ablation.render(s)
-  assert "## Table 2" in text and "| 0.5 |" in text and "| 0 |" in text
+  assert "## Primary endpoint" in text and "| asd | NLL/dim @ 1 |" in text
   pngs = ablation.plots(s, tmp_path)
   assert [p.name for p in pngs] == ["step_similarity.png", "alpha_sweep.png", "training.png"]
   assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
-  mp4s = ablation.videos(c, tmp_path, tmp_path / "videos", 0)
+  mp4s = ablation.videos(c, tmp_path, tmp_path / "videos", 0, ["dmd", "asd"])
   assert sorted(p.name for p in mp4s) == sorted(
       ["data.mp4"] + [f"{r}_{k}.mp4" for r in ("dmd", "asd") for k in ("4", "2star", "1star")])
   import imageio_ffmpeg  # pylint: disable=g-import-not-at-top

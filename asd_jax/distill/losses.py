@@ -6,10 +6,12 @@ non-finite values are never hidden here (the train step detects and reports them
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asd_jax.diffusion.flow import NUM_TRAIN_TIMESTEPS, add_noise, x0_from_v
 from asd_jax.diffusion.schedule import shift_sigma
@@ -80,51 +82,113 @@ def critic_loss(x: Array, context: Array, *, critic: Any, critic_params: Any, rn
   return loss, {"critic_loss": loss}
 
 
+# The noise level of the ASD noising Psi (both sides of a pair share one t per row):
+#   "dmd":      DMD's law (u ~ U[0, 1), shifted, clamped to [t_min, t_max]): the first
+#               implementation's choice; mean signal weight 1 - t/1000 about 0.25 at shift 5;
+#   "schedule": the paper's Algorithm 1, line 7: t ~ Uniform over the few-step timesteps
+#               (1000, 937.5, 833.3, 625 warped: mean signal weight about 0.15);
+#   "uniform":  u ~ U[t_min, t_max] without the shift (mean signal weight about 0.5): this
+#               project's, chosen from the toy measurement in docs/toy_results.md.
+T_LAWS = ("dmd", "schedule", "uniform")
+# The R1/R2 finite difference: "eq6" is the paper's Eq. 6 as written, f(x) - f(x + sigma eps');
+# "sigma" divides it by sigma, (f(x) - f(x + sigma eps')) / sigma, as Self Forcing's GAN code does
+# (1 / sigma^2 = 400x stronger at sigma 0.05).
+R_FORMS = ("eq6", "sigma")
+
+
+def asd_timesteps(rng: Array, batch: int, *, t_law: str = "dmd", timesteps=(),
+                  shift: float = 5.0, t_min: float = 20.0, t_max: float = 980.0) -> Array:
+  """Timesteps [B] of the ASD noising under `t_law` (see T_LAWS); `timesteps`: the warped
+  few-step schedule (read by the "schedule" law only)."""
+  if t_law == "dmd":
+    return sample_timesteps(rng, batch, shift=shift, t_min=t_min, t_max=t_max)
+  if t_law == "schedule":
+    if not len(timesteps):
+      raise ValueError("t_law 'schedule' needs the few-step timesteps.")
+    table = jnp.asarray(tuple(float(t) for t in timesteps), jnp.float32)
+    return table[jax.random.randint(rng, (batch,), 0, len(table))]
+  if t_law == "uniform":
+    return jax.random.uniform(rng, (batch,), jnp.float32, t_min, t_max)
+  raise ValueError(f"unknown asd t_law {t_law!r}; use one of {T_LAWS}.")
+
+
 def _pick(logits: Array, n: Array) -> Array:
   """logit n - 1 of each row: D_n (n = 1..N-1, an int scalar shared by the batch)."""
   idx = jnp.broadcast_to(jnp.asarray(n, jnp.int32) - 1, logits.shape[:1])
   return jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
 
 
+def _noised_pair(x_n: Array, x_n1: Array, rng: Array, t_kw: dict) -> tuple[Array, Array, Array]:
+  """Psi of both sides at one shared timestep per row, independent noise: (xt_n, xt_n1, t)."""
+  k_t, k_a, k_b = jax.random.split(rng, 3)
+  t = asd_timesteps(k_t, x_n.shape[0], **t_kw)
+  return (add_noise(x_n, jax.random.normal(k_a, x_n.shape), t),
+          add_noise(x_n1, jax.random.normal(k_b, x_n1.shape), t), t)
+
+
 def asd_discriminator_loss(disc_fn, x_n: Array, x_n1: Array, n: Array, rng: Array, *,
-                           shift: float = 5.0, t_min: float = 20.0, t_max: float = 980.0,
-                           r_lambda: float = 600.0, r_sigma: float = 0.05):
+                           t_law: str = "dmd", timesteps=(), shift: float = 5.0,
+                           t_min: float = 20.0, t_max: float = 980.0, r_lambda: float = 600.0,
+                           r_sigma: float = 0.05, r_form: str = "eq6"):
   """Relativistic pairing loss with the R1/R2 finite-difference penalties (the D step).
 
   disc_fn(x_t [M, ...], t [M]) -> logits [M, N-1]: the backbone is frozen inside it, only the heads
-  are differentiated. x_n, x_n1: n-step and (n+1)-step samples (no gradient into them); n: int scalar in [1, N-1].
+  are differentiated. x_n, x_n1: n-step and (n+1)-step samples (no gradient into them); n: int
+  scalar in [1, N-1]. t_law / timesteps: the noise level (`asd_timesteps`); r_form: R_FORMS.
   """
+  if r_form not in R_FORMS:
+    raise ValueError(f"unknown asd r_form {r_form!r}; use one of {R_FORMS}.")
   x_n, x_n1 = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (x_n, x_n1))
-  B = x_n.shape[0]
-  k_t, k_a, k_b, k_ra, k_rb = jax.random.split(rng, 5)
-  t = sample_timesteps(k_t, B, shift=shift, t_min=t_min, t_max=t_max)
-  xt_n = add_noise(x_n, jax.random.normal(k_a, x_n.shape), t)
-  xt_n1 = add_noise(x_n1, jax.random.normal(k_b, x_n1.shape), t)
+  k_pair, k_ra, k_rb = jax.random.split(rng, 3)
+  xt_n, xt_n1, t = _noised_pair(x_n, x_n1, k_pair, dict(t_law=t_law, timesteps=timesteps,
+                                                          shift=shift, t_min=t_min, t_max=t_max))
   batch = jnp.concatenate([xt_n1, xt_n, xt_n1 + r_sigma * jax.random.normal(k_ra, x_n.shape),
                            xt_n + r_sigma * jax.random.normal(k_rb, x_n.shape)])
   f = _pick(disc_fn(batch, jnp.concatenate([t] * 4)), n)
   f_n1, f_n, f_n1_p, f_n_p = jnp.split(f, 4)
   adv = jax.nn.softplus(-(f_n1 - f_n))
-  reg = 0.5 * ((f_n1 - f_n1_p)**2 + (f_n - f_n_p)**2)
+  scale = 1.0 / r_sigma if r_form == "sigma" else 1.0
+  reg = 0.5 * ((scale * (f_n1 - f_n1_p))**2 + (scale * (f_n - f_n_p))**2)
   loss = jnp.mean(adv + r_lambda * reg)
   return loss, {"disc_loss": loss, "disc_adv": jnp.mean(adv), "disc_reg": jnp.mean(reg),
-                "disc_logit_gap": jnp.mean(f_n1 - f_n)}
+                "disc_logit_gap": jnp.mean(f_n1 - f_n), "disc_t_mean": jnp.mean(t)}
 
 
 def asd_generator_loss(disc_fn, x_n: Array, x_n1: Array, n: Array, rng: Array, *,
-                       shift: float = 5.0, t_min: float = 20.0, t_max: float = 980.0):
+                       t_law: str = "dmd", timesteps=(), shift: float = 5.0, t_min: float = 20.0,
+                       t_max: float = 980.0):
   """softplus(-(f(x_n) - f(x_n1))): the generator's ASD loss; gradient reaches it through x_n only."""
   x_n = x_n.astype(jnp.float32)
   x_n1 = jax.lax.stop_gradient(x_n1.astype(jnp.float32))
-  B = x_n.shape[0]
-  k_t, k_a, k_b = jax.random.split(rng, 3)
-  t = sample_timesteps(k_t, B, shift=shift, t_min=t_min, t_max=t_max)
-  xt_n = add_noise(x_n, jax.random.normal(k_a, x_n.shape), t)
-  xt_n1 = add_noise(x_n1, jax.random.normal(k_b, x_n1.shape), t)
+  xt_n, xt_n1, t = _noised_pair(x_n, x_n1, rng, dict(t_law=t_law, timesteps=timesteps,
+                                                     shift=shift, t_min=t_min, t_max=t_max))
   f = _pick(disc_fn(jnp.concatenate([xt_n, xt_n1]), jnp.concatenate([t, t])), n)
   f_n, f_n1 = jnp.split(f, 2)
   loss = jnp.mean(jax.nn.softplus(-(f_n - f_n1)))
   return loss, {"asd_loss": loss, "asd_logit_gap": jnp.mean(f_n1 - f_n)}
+
+
+def asd_pair_logits(disc_fn, x_n: Array, x_n1: Array, n: Array, rng: Array, **t_kw):
+  """D_n's logits (f(Psi(x_n)), f(Psi(x_n1))), each [B], noised as the D and G losses noise them
+  (`_noised_pair`; t_kw: t_law, timesteps, shift, t_min, t_max): the held-out AUC's scores."""
+  xt_n, xt_n1, t = _noised_pair(x_n.astype(jnp.float32), x_n1.astype(jnp.float32), rng, t_kw)
+  f = _pick(disc_fn(jnp.concatenate([xt_n, xt_n1]), jnp.concatenate([t, t])), n)
+  return tuple(jnp.split(f, 2))
+
+
+def pair_auc(scores_n1, scores_n) -> float:
+  """P(f(x_n1) > f(x_n)) + P(tie) / 2 over every (n+1, n) pair (the Mann-Whitney AUC; 0.5 is
+  chance, 1 a discriminator that always ranks the (n+1)-step sample higher)."""
+  a = np.asarray(scores_n1, np.float64).reshape(-1, 1)
+  b = np.asarray(scores_n, np.float64).reshape(1, -1)
+  return float(np.mean(a > b) + 0.5 * np.mean(a == b))
+
+
+def auc_chance_band(m: int, n: int) -> float:
+  """Two standard errors of the AUC of m against n scores when D cannot tell them apart
+  (sqrt((m + n + 1) / (12 m n)) each, Mann-Whitney under the null): AUCs below 0.5 + this are
+  indistinguishable from chance."""
+  return 2.0 * math.sqrt((m + n + 1) / (12.0 * m * n))
 
 
 def ode_regression_loss(student: Any, params: Any, noisy: Array, clean: Array, timesteps: Array,

@@ -7,8 +7,8 @@ Arguments (comma-separated):
 - `analytic`: the exact velocity as the teacher of DMD and the ODE pairs (the pretrained net still
   initialises the student and the critic);
 - `ablation`: `analytic` with the longer budgets `python -m asd_jax.toy.ablation` measures with
-  (teacher net 1,500 steps, ODE initialisation 600 steps on fresh pairs every step, 300 updates,
-  128 evaluation samples per class: the set-up of docs/toy_results.md);
+  (teacher net 600 steps, ODE initialisation 200 steps on fresh pairs every step, 300 updates,
+  128 evaluation samples per class; docs/toy_results.md states what its runs used);
 - `quick`: a few steps of each stage, a smoke run of a minute.
 
 Toy-specific choices (the paper's values stay the defaults of every other config):
@@ -92,8 +92,8 @@ def get_config(arg=None):
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   if "ablation" in tokens:  # first, so that 'quick' can shorten it
     c.pipeline.teacher = "analytic"
-    c.pipeline.teacher_net.total_steps = 1500
-    c.pipeline.ode_init.total_steps = 600
+    c.pipeline.teacher_net.total_steps = 600
+    c.pipeline.ode_init.total_steps = 200
     c.ode.pool = 0
     c.pipeline.distill.total_steps = 300
     c.ema.start = 100

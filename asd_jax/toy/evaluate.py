@@ -153,7 +153,7 @@ def evaluate_generator(module: Any, params: Any, world: ToyWorld, training: Sequ
 
 
 def training_curves(run_dir: str | Path, skip: float = 0.2) -> dict[str, Any]:
-  """DMD loss and discriminator logit gap of a run's metrics.jsonl (Figs. 13-14).
+  """DMD loss, discriminator logit gap and held-out AUC of a run's metrics.jsonl (Figs. 13-14).
 
   Mean and variance of the DMD loss are taken after the first `skip` of the run (the transient of
   a generator that starts from the ODE initialisation).
@@ -163,7 +163,15 @@ def training_curves(run_dir: str | Path, skip: float = 0.2) -> dict[str, Any]:
   steps = [r["step"] for r in records]
   dmd = [r.get("generator/dmd_loss", float("nan")) for r in records]
   gap = [r.get("disc_logit_gap", float("nan")) for r in records]
+  # The discriminator's held-out AUC per n, at the steps it was evaluated (train.disc_auc).
+  auc: dict[str, Any] = {}
+  for r in records:
+    for k, v in r.items():
+      if k.startswith("disc_auc/n"):
+        a = auc.setdefault(k[len("disc_auc/n"):], {"step": [], "auc": []})
+        a["step"].append(r["step"])
+        a["auc"].append(v)
   tail = np.asarray(dmd[int(len(dmd) * skip):], np.float64)
-  return {"step": steps, "dmd_loss": dmd, "disc_logit_gap": gap,
+  return {"step": steps, "dmd_loss": dmd, "disc_logit_gap": gap, "disc_auc": auc,
           "dmd_loss_mean": float(np.nanmean(tail)) if tail.size else float("nan"),
           "dmd_loss_var": float(np.nanvar(tail)) if tail.size else float("nan")}

@@ -13,6 +13,14 @@ from typing import Any, Callable
 import ml_collections
 
 
+# The discriminator heads' own learning rate and the ASD noise law: chosen from the toy
+# measurement and the update-size argument in README (Training) and configs/asd.py, not the
+# paper's (it gives neither; Self Forcing trains its GAN heads at the critic's 4e-7, under which
+# a fresh head barely moves in 3,000 steps).
+HEADS_LR = 1e-4
+ASD_T_LAW = "uniform"
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage  # pretrain | ode_init | dmd | asd (| toy: the whole toy-world pipeline)
@@ -44,12 +52,19 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
   c.total_steps = 3000  # generator updates (update-ratio cycles)
   c.update_ratio = (1, 4, 1)  # generator : critic : discriminator
   c.optim = ml_collections.ConfigDict(dict(
-      gen_lr=2e-6, critic_lr=4e-7, heads_lr=0.0,  # heads_lr 0: same as the critic
+      gen_lr=2e-6, critic_lr=4e-7, heads_lr=HEADS_LR,
       b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0))
   c.ema = ml_collections.ConfigDict(dict(decay=0.99, start=200))
   c.dmd = ml_collections.ConfigDict(dict(guidance=3.0, t_min=20.0, t_max=980.0))
+  # t_law: the noise level of the ASD noising (asd_jax.distill.losses.T_LAWS: 'dmd' = DMD's
+  # law, 'schedule' = the paper's Algorithm 1, 'uniform' = this project's); r_form: the R1/R2
+  # difference ('eq6' = the paper's Eq. 6, 'sigma' = Self Forcing's, divided by sigma). auc_every:
+  # every K generator steps the discriminator's held-out AUC on a fixed pool of auc_samples
+  # n-step vs (n+1)-step samples is logged per n (0: never); auc_patience evaluations in a row
+  # with every AUC inside the chance band log a warning. Defaults and why: README, Training.
   c.asd = ml_collections.ConfigDict(dict(
-      alpha=0.01, r_lambda=600.0, r_sigma=0.05, taps=(12, 21, 29), num_queries=4, mlp_dim=1024))
+      alpha=0.01, r_lambda=600.0, r_sigma=0.05, taps=(12, 21, 29), num_queries=4, mlp_dim=1024,
+      t_law=ASD_T_LAW, r_form="eq6", auc_every=100, auc_samples=64, auc_patience=5))
   # ODE pairs made by the loop itself when no data.ode_pairs is given: `steps` Euler steps,
   # CFG `guidance`; `pool` 0 solves fresh pairs every step, N > 0 solves N examples once at
   # start and trains on them as on a built pair dataset.
@@ -99,6 +114,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.asd.taps = (0, 1)
   c.asd.num_queries = 2
   c.asd.mlp_dim = 32
+  c.asd.auc_samples = 4
   c.ode.steps = 8
   c.checkpoint.every = 2
 
@@ -212,6 +228,17 @@ def validate(config: ml_collections.ConfigDict, *, mesh: Any = None,
           len(set(v)) == len(v), "a non-empty tuple of distinct block indices")
   require(c, "asd.num_queries", lambda v: is_int(v) and v >= 1, "an integer >= 1")
   require(c, "asd.mlp_dim", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+  require(c, "optim.heads_lr", lambda v: is_number(v) and v > 0,
+          "a learning rate > 0 (the discriminator heads' own)")
+  from asd_jax.distill.losses import R_FORMS, T_LAWS  # pylint: disable=g-import-not-at-top
+  require(c, "asd.t_law", lambda v: v in T_LAWS, f"one of {T_LAWS}")
+  require(c, "asd.r_form", lambda v: v in R_FORMS, f"one of {R_FORMS}")
+  require(c, "asd.auc_every", lambda v: is_int(v) and v >= 0,
+          "an integer >= 0 (log the discriminator's held-out AUC every N steps; 0: never)")
+  require(c, "asd.auc_samples", lambda v: is_int(v) and v >= 2,
+          "an integer >= 2 (samples a side in the AUC pool)")
+  require(c, "asd.auc_patience", lambda v: is_int(v) and v >= 1,
+          "an integer >= 1 (AUC evaluations at chance in a row before a warning)")
   require(c, "ode.steps", lambda v: is_int(v) and v >= 1, "an integer >= 1 (Euler steps)")
   require(c, "ode.guidance", lambda v: is_number(v) and v >= 0, "a number >= 0")
   require(c, "ode.pool", lambda v: is_int(v) and v >= 0,

@@ -86,6 +86,10 @@ class Programs:
   init: Callable
   steps: dict[str, Callable]
   args: dict[str, tuple]
+  # ASD stages: `disc_auc(teacher_params, state, batch, chunk)` -> D_n's scores on one
+  # microbatch-sized chunk of the held-out pool (`steps.make_steps`' disc_auc); else None.
+  disc_auc: Callable | None = None
+  auc_rows: int = 0  # rows of one chunk (the microbatch: batch_size / accumulation steps)
 
 
 def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -113,7 +117,7 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
   opt = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm)
   gen_tx = make_optimizer(o.gen_lr, **opt)
   critic_tx = make_optimizer(o.critic_lr, **opt)
-  heads_tx = make_optimizer(o.heads_lr or o.critic_lr, **opt)
+  heads_tx = make_optimizer(o.heads_lr, **opt)
 
   def make_state(rng, generator, critic, heads):
     return init_state(generator, critic, heads, gen_tx=gen_tx, critic_tx=critic_tx,
@@ -158,7 +162,8 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
           cfg=StepConfig(timesteps=timesteps, latent_shape=latent, chunk_frames=c.chunk_frames,
                          alpha=c.asd.alpha, guidance=c.dmd.guidance, shift=c.shift,
                          t_min=c.dmd.t_min, t_max=c.dmd.t_max, r_lambda=c.asd.r_lambda,
-                         r_sigma=c.asd.r_sigma, ema_decay=c.ema.decay, ema_start=c.ema.start,
+                         r_sigma=c.asd.r_sigma, t_law=c.asd.t_law, r_form=c.asd.r_form,
+                         ema_decay=c.ema.decay, ema_start=c.ema.start,
                          accum=accum), micro_sharding=micro_shard)
     if c.stage == "pretrain":
       if accum > 1:
@@ -193,6 +198,13 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
                           keep_unused=True)
     args[name] = (teacher_abstract, state, batch) + (() if name == "generator" else (index,))
   init = jax.jit(make_state, out_shardings=state_shardings)
+  disc_auc, auc_rows = None, 0
+  if use_heads:  # one microbatch of the pool a call: the activations a training step holds
+    auc_rows = c.batch_size // accum
+    disc_auc = jax.jit(lambda teacher_params, state, batch, chunk: make(teacher_params)[
+        "disc_auc"](state, batch, chunk), in_shardings=(teacher_shardings, state_shardings,
+                                                        batch_shard, replicated),
+        out_shardings=replicated)
   args["init"] = (jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
                   *(_with_shardings(a, s) for a, s in zip(nets, net_shardings)))
   return Programs(mesh=mesh, rules=rules, student_cfg=student_cfg, critic_cfg=critic_cfg,
@@ -200,7 +212,7 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
                   latent=latent, ratio=ratio, teacher=teacher,
                   teacher_shardings=teacher_shardings, state=state,
                   state_shardings=state_shardings, net_shardings=net_shardings, init=init,
-                  steps=steps, args=args)
+                  steps=steps, args=args, disc_auc=disc_auc, auc_rows=auc_rows)
 
 
 def accum_steps(config: ml_collections.ConfigDict, mesh: Mesh,

@@ -4,6 +4,11 @@
 plain functions of (state, batch[, index]) to jit once (with shardings and donation) in the loop.
 Randomness: the step's key is fold_in(state.rng, state.step), then fold_in(key, tag) per phase
 (generator 0, critic 1 + j, discriminator 1000 + j), so a resumed run draws the same numbers.
+The generator's ASD-only draws (the (n+1)-step partner, the ASD noising) come from their own
+stream, fold_in(generator key, ASD_TAG): the rollout, exit and DMD draws do not depend on alpha,
+so arms of an ablation that differ in alpha draw the same numbers (paired arms). Batches are
+paired too: `cycle_substeps` numbers the generator and critic batches of a cycle apart from the
+discriminator's, so a baseline without discriminator steps reads the same prompts.
 With `StepConfig.accum` = k > 1 a step splits its batch into k microbatches (row b goes to
 microbatch b mod k, so each stays spread over the devices), runs them one after the other under a
 scan and averages their losses and gradients: one update of the whole batch with the activations
@@ -35,6 +40,13 @@ from asd_jax.train.state import TrainState, all_finite, apply_if, ema_update, gl
 Array = jax.Array
 
 GEN_TAG, CRITIC_TAG, DISC_TAG = 0, 1, 1000
+ASD_TAG = 2000  # folded into the generator's key: its ASD-only draws
+# The held-out AUC's key: fold_in(state.rng, AUC_STEP), a step number no run reaches, so its pool
+# of samples and noise is fixed for the whole run and never drawn by a training step.
+AUC_STEP = 2**31 - 1
+# Data sub-steps of the discriminator's batches start here (see `cycle_substeps`), those of the
+# held-out AUC pool at AUC_STREAM: far from the generator's and critic's consecutive sub-steps.
+DISC_STREAM, AUC_STREAM = 1 << 40, 1 << 41
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,8 @@ class StepConfig:
   t_max: float = 980.0
   r_lambda: float = 600.0
   r_sigma: float = 0.05
+  t_law: str = "dmd"  # the ASD noise level: asd_jax.distill.losses.T_LAWS
+  r_form: str = "eq6"  # the R1/R2 difference: asd_jax.distill.losses.R_FORMS
   ema_decay: float = 0.99
   ema_start: int = 200
   accum: int = 1  # microbatches per step (gradient accumulation); 1: the whole batch at once
@@ -118,6 +132,7 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
   N = len(cfg.timesteps)
   noise_shape = cfg.latent_shape
   loss_kw = dict(shift=cfg.shift, t_min=cfg.t_min, t_max=cfg.t_max)
+  asd_kw = dict(loss_kw, t_law=cfg.t_law, timesteps=cfg.timesteps)
   use_asd = cfg.alpha > 0 and heads is not None
 
   def draw(params, context, key, exit_index):
@@ -135,7 +150,8 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
 
   def generator_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     key = _key(state, GEN_TAG)
-    k_exit, k_roll, k_dmd, k_n1, k_asd = jax.random.split(key, 5)
+    k_exit, k_roll, k_dmd = jax.random.split(key, 3)
+    k_n1, k_asd = jax.random.split(jax.random.fold_in(key, ASD_TAG))
     exit_index = jax.random.randint(k_exit, (), 0, N)
 
     def loss_fn(params, batch, keys):
@@ -152,7 +168,7 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
         n = exit_index + 1
         x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_n1, jnp.minimum(n, N - 1)))
         asd, m_asd = losses.asd_generator_loss(disc_fn(state.critic, state.heads, ctx), x,
-                                               x_n1, jnp.minimum(n, N - 1), k_asd, **loss_kw)
+                                               x_n1, jnp.minimum(n, N - 1), k_asd, **asd_kw)
         active = (n < N).astype(jnp.float32)
         total = total + cfg.alpha * active * asd
         metrics = {**metrics, **m_asd, "asd_active": active}
@@ -207,7 +223,7 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
       x_n1 = jax.lax.stop_gradient(draw(state.generator, ctx, k_b, n))
       return losses.asd_discriminator_loss(disc_fn(state.critic, heads_params, ctx), x_n, x_n1, n,
                                            k_loss, r_lambda=cfg.r_lambda, r_sigma=cfg.r_sigma,
-                                           **loss_kw)
+                                           r_form=cfg.r_form, **asd_kw)
 
     (loss, metrics), grads = acc(loss_fn, state.heads, batch, (k_a, k_b, k_loss))
     new_params, new_opt = _update(heads_tx, grads, state.heads_opt, state.heads)
@@ -219,7 +235,30 @@ def make_steps(*, generator: Any, critic: Any, teacher: Any, teacher_params: Any
                    nonfinite=(~ok).astype(jnp.float32))
     return state, metrics
 
-  return {"generator": generator_step, "critic": critic_step, "disc": disc_step}
+  def disc_auc_scores(state: TrainState, batch: dict, chunk: Array) -> dict:
+    """D_n's scores on chunk `chunk` of the held-out pool, for every n = 1..N-1.
+
+    The pool: the batch's prompts, n-step and (n+1)-step samples of the current generator from
+    noise drawn with the fixed AUC key (fold_in(state.rng, AUC_STEP)), noised as the D step
+    noises them. Returns {'f_n': [N-1, B], 'f_n1': [N-1, B]}; `pair_auc` of each row is the AUC.
+    """
+    if heads is None:
+      raise ValueError("disc_auc_scores needs discriminator heads (an ASD config).")
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, AUC_STEP), chunk)
+    ctx = batch["context"]
+    fn = disc_fn(state.critic, state.heads, ctx)
+    f_n, f_n1 = [], []
+    for n in range(1, N):
+      k_a, k_b, k_noise = jax.random.split(jax.random.fold_in(key, n), 3)
+      x_n = draw(state.generator, ctx, k_a, n - 1)
+      x_n1 = draw(state.generator, ctx, k_b, n)
+      a, b = losses.asd_pair_logits(fn, x_n, x_n1, jnp.int32(n), k_noise, **asd_kw)
+      f_n.append(a)
+      f_n1.append(b)
+    return {"f_n": jnp.stack(f_n), "f_n1": jnp.stack(f_n1)}
+
+  return {"generator": generator_step, "critic": critic_step, "disc": disc_step,
+          "disc_auc": disc_auc_scores}
 
 
 def make_ode_step(*, student: Any, tx, timesteps: tuple[float, ...],
@@ -289,6 +328,21 @@ def make_pretrain_step(*, model: Any, tx, shift: float = 5.0, t_min: float = 20.
     return state, metrics
 
   return pretrain_step
+
+
+def cycle_substeps(step: int, ratio: tuple[int, int, int]) -> dict[str, list[int]]:
+  """The data sub-steps of the batches of cycle `step`, per network.
+
+  Generator and critic batches run consecutively over the stream (cycle s: sub-steps
+  s (g + c) .. s (g + c) + g + c - 1); the discriminator's come from their own stream from
+  DISC_STREAM on. Arms that differ only in their discriminator updates (the Self Forcing
+  baseline 1:4:0 against ASD 1:4:1) therefore train the generator and critic on the same prompts.
+  """
+  g, c, d = (int(r) for r in ratio)
+  first = step * (g + c)
+  return {"generator": [first + j for j in range(g)],
+          "critic": [first + g + j for j in range(c)],
+          "disc": [DISC_STREAM + step * d + j for j in range(d)]}
 
 
 def run_cycle(steps: dict[str, Callable], state: TrainState, batches: dict[str, Any],
