@@ -23,7 +23,7 @@ its own shards); the JSON metadata by process 0 only.
 
 Damage: `restore_latest` tries the newest checkpoint first; one that cannot be read (a truncated
 or missing file) is reported in one line (the file and the cause), moved aside to
-`DIR.damaged/STEP`, and the previous one is tried, so a run resumes from the newest good
+`DIR.damaged/STEP-TIME`, and the previous one is tried, so a run resumes from the newest good
 checkpoint. A checkpoint that reads but does not fit the state (another config) is an error.
 
 Preemption: on one process a SIGTERM handler sets a flag; the next `save` call (the next step
@@ -60,6 +60,9 @@ _log = logging.getLogger(__name__)
 STATE = "state"
 METADATA = "metadata"
 DAMAGED_SUFFIX = ".damaged"
+# The barrier Orbax (0.12) ends every restore with (`Checkpointer.restore`'s
+# sync_global_processes); a process whose read failed joins it before falling back.
+_ORBAX_RESTORE_BARRIER = "Checkpointer:restore"
 
 _PREEMPTED = threading.Event()  # set once any Checkpointer stopped a run for a preemption
 
@@ -372,6 +375,11 @@ class Checkpointer:
     else:
       return restored[STATE], dict(restored[METADATA] or {})
     orbax_io._drop_failed_reads()  # pylint: disable=protected-access
+    if damaged and self._multiprocess:
+      # The processes whose shards read are waiting in Orbax's closing barrier of the restore;
+      # join it, so that `restore_latest` can then agree with them on falling back.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(_ORBAX_RESTORE_BARRIER)
     raise (DamagedCheckpointError(message, step) if damaged else ValueError(message))
 
   def check_space(self, state: Any, what: str = "a checkpoint") -> int:
@@ -397,7 +405,7 @@ class Checkpointer:
     run meant to fail on a full disk fails before it computes anything.
 
     A damaged checkpoint (see `restore`) is reported in one line at WARNING, moved aside to
-    `DIRECTORY.damaged/STEP` (so later saves of that step are not skipped and the next run does
+    `DIRECTORY.damaged/STEP-TIME` (so later saves of that step are not skipped and the next run does
     not meet it again) and the previous one is tried. A checkpoint that does not fit the state
     raises ValueError, as `restore` does; when every checkpoint is damaged the last
     DamagedCheckpointError is raised.
@@ -408,12 +416,22 @@ class Checkpointer:
     self.check_space(abstract_state)
     error = None
     for step in sorted(self.all_steps(), reverse=True):
+      failure = None
       try:
         state, metadata = self.restore(abstract_state, step)
       except DamagedCheckpointError as e:
-        error = e
+        failure = e
+      if self._multiprocess:  # each process reads its own shards: fall back together
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        bad = np.asarray(multihost_utils.process_allgather(np.int32(failure is not None)))
+        if bad.any() and failure is None:
+          failure = DamagedCheckpointError(
+              f"checkpoint {step} in {self.directory} is damaged (processes "
+              f"{np.flatnonzero(bad).tolist()} could not read their shards; see their logs)", step)
+      if failure is not None:
+        error = failure
         older = [s for s in self.all_steps() if s < step]
-        _log.warning("%s; %s", e, f"falling back to checkpoint {older[-1]}" if older else
+        _log.warning("%s; %s", failure, f"falling back to checkpoint {older[-1]}" if older else
                      "no older checkpoint to fall back to")
         self._move_aside(step)
         continue
