@@ -28,7 +28,7 @@ from asd_jax.train.data import make_source
 from asd_jax.train.metrics import MetricsWriter, NonFiniteGuard
 from asd_jax.train.programs import build_programs, heads_logical
 from asd_jax.train.state import TrainState
-from asd_jax.train.steps import run_cycle
+from asd_jax.train.steps import cycle_substeps, run_cycle
 
 def _params_or_init(path: str | None, cfg: wan.WanConfig, key, mesh, rules):
   """Params of a converted directory (read straight into shards) or a random init (sharded)."""
@@ -99,6 +99,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     # The newest checkpoint that reads (a damaged one is reported and moved aside), or None.
     restored = ckpt.restore_latest(progs.state)
     guard = NonFiniteGuard(c.max_nonfinite)
+    meta_auc = {}  # the AUC watch's chance streak, restored with a checkpoint
     if restored is None:  # a fresh run: weights read (or drawn) straight into their shards
       generator = _params_or_init(c.init.student, progs.student_cfg, k_gen, mesh, rules)
       critic_params = (_params_or_init(c.init.critic or c.init.teacher, progs.critic_cfg,
@@ -112,6 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     else:  # resuming: the checkpoint has every trained network, no weights are read
       state, meta, start = restored
       guard.load_state(meta.get("guard", {}))
+      meta_auc = meta.get("disc_auc", {})
     teacher_params = ({} if progs.teacher_cfg is None else
                       _params_or_init(c.init.teacher, progs.teacher_cfg, k_teacher, mesh, rules))
     source = make_source(c, teacher=progs.teacher, teacher_params=teacher_params,
@@ -121,6 +123,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
 
     ratio = progs.ratio
     per_cycle = sum(ratio)
+    watch = None
+    if progs.disc_auc is not None and c.asd.auc_every:
+      from asd_jax.train.disc_auc import DiscAuc  # pylint: disable=g-import-not-at-top
+      watch = DiscAuc(progs.disc_auc, source, rows=progs.auc_rows, batch_size=c.batch_size,
+                      samples=c.asd.auc_samples, every=c.asd.auc_every,
+                      patience=c.asd.auc_patience, mesh=mesh, rules=rules)
+      watch.load_state(meta_auc)
     # Records are numbered by the step they complete: this run writes from start + 1 on (any
     # written after the checkpoint by a killed run are dropped).
     writer = MetricsWriter(workdir, total_steps=c.total_steps, start_step=start + 1,
@@ -129,10 +138,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     try:
       while step < c.total_steps:
         t0 = time.perf_counter()
-        batches, sub = {}, step * per_cycle  # sub-steps numbered in cycle order
-        for name, count in zip(("generator", "critic", "disc"), ratio):
-          batches[name] = [shd.global_batch(source(sub + j), mesh, rules) for j in range(count)]
-          sub += count
+        # Generator and critic batches do not depend on the discriminator's count (paired arms).
+        batches = {name: [shd.global_batch(source(sub), mesh, rules) for sub in subs]
+                   for name, subs in cycle_substeps(step, ratio).items()}
         state, metrics = run_cycle(jitted, state, batches, ratio)
         step += 1
         finite = not any(float(v) for k, v in metrics.items() if k.endswith("nonfinite"))
@@ -141,10 +149,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         metrics["perf/samples_per_s"] = c.batch_size * per_cycle / seconds
         metrics["skipped_total"] = state.skipped
         guard.update(step, metrics, finite=finite)
+        if watch is not None and watch.due(step, c.total_steps):
+          metrics.update(watch(teacher_params, state))
         if step % c.log_every == 0 or step == c.total_steps:
           writer.write(step, metrics)
         # Saves every `checkpoint.every` steps, at the end, and on a preemption notice.
-        ckpt.save(step, state, {"guard": guard.state(), "config": c.to_dict()},
+        ckpt.save(step, state, {"guard": guard.state(), "config": c.to_dict(),
+                                "disc_auc": watch.state() if watch is not None else {}},
                   force=step == c.total_steps)
         if ckpt.should_stop():
           break
