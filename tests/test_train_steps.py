@@ -82,22 +82,24 @@ def test_critic_step_changes_only_the_critic(sf):
     assert _equal(getattr(new, field), getattr(state, field)), field
 
 
-def test_alpha_zero_is_exactly_the_self_forcing_baseline(sf, asd):
-  """With alpha = 0 the ASD machinery (heads, discriminator steps) leaves no trace.
-
-  alpha = 0 makes the generator step the Self Forcing one (the ASD branch is not built), so the ASD
-  run differs from the baseline only by its interleaved discriminator steps and its heads.
+def test_alpha_zero_is_exactly_the_self_forcing_baseline(world, sf, asd):
+  """The ASD run's steps with alpha = 0 (heads built, discriminator steps interleaved) train the
+  generator and critic exactly as the Self Forcing baseline's steps (no heads, no discriminator).
   """
   k = 2
   sf_steps, state, batch = sf
-  asd_steps, asd_state, _ = asd
+  asd0_steps, asd0_state, _ = _setup(world, alpha=0.0, with_heads=True)
+  # Neither the critic step nor the discriminator step reads alpha: the compiled ones are reused.
+  asd0_steps = dict(asd0_steps, critic=sf_steps["critic"], disc=asd[0]["disc"])
+  assert _equal(asd0_state.generator, state.generator) and _equal(asd0_state.critic, state.critic)
   base, _ = _cycles(sf_steps, state, batch, (1, 2, 0), k)
-  with_disc = dict(sf_steps, disc=asd_steps["disc"])
-  asd0, _ = _cycles(with_disc, state, batch, (1, 2, 1), k)
+  asd0, metrics = _cycles(asd0_steps, asd0_state, batch, (1, 2, 1), k)
   assert _equal(base.generator, asd0.generator) and _equal(base.critic, asd0.critic)
   assert _equal(base.generator_ema, asd0.generator_ema)
-  assert not _equal(asd0.heads, state.heads)  # the discriminator did train
+  assert not _equal(asd0.heads, asd0_state.heads)  # the discriminator did train
+  assert "disc_loss" in metrics
   # ...while alpha > 0 does change the generator (the test can fail).
+  asd_steps, asd_state, _ = asd
   full, metrics = _cycles(asd_steps, asd_state, batch, (1, 2, 1), k)
   assert not _equal(base.generator, full.generator)
   assert "generator/asd_loss" in metrics and int(full.step) == k
