@@ -415,7 +415,7 @@ def test_first_line_status_and_preemption_flag(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The train entry point (subprocesses: its absl flags are process-global).
+# The train and ablation entry points (subprocesses: their absl flags are process-global).
 
 
 def _run(module, *args):
@@ -435,3 +435,13 @@ def test_train_bad_flags_are_one_line_and_exit_2(tmp_path):
   assert r.returncode == 2 and r.stderr == (f"error: --workdir {tmp_path / 'afile'} is a file; "
                                             f"give a directory.\n"), r.stderr
   assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_ablation_bad_seeds_leave_nothing(tmp_path):
+  r = _run("asd_jax.toy.ablation", f"--workdir={tmp_path / 'abl'}", "--seeds=a,b")
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == ("error: --alphas and --seeds take comma-separated "
+                                               "numbers (invalid literal for int() with base 10: "
+                                               "'a').")
+  _no_tracebacks(r.stderr)
+  assert os.listdir(tmp_path) == []
