@@ -60,9 +60,9 @@ def check(args: argparse.Namespace) -> None:
     raise cli.UsageError("give either --model_dir (and/or --checkpoint, --vae, ...) or --toy.")
   if not 0 < args.port < 65536:
     raise cli.UsageError(f"--port must be in 1..65535, got {args.port}.")
-  if args.cache_frames is not None and args.cache_frames < 3:
-    raise cli.UsageError(f"--cache_frames must hold at least one 3-frame chunk, got "
-                         f"{args.cache_frames}.")
+  if args.cache_frames is not None and args.cache_frames < 3 + max(args.sink_frames, 0):
+    raise cli.UsageError(f"--cache_frames must hold the {args.sink_frames} sink frames and a "
+                         f"3-frame chunk, got {args.cache_frames}.")
   if args.sink_frames < 0 or args.sink_frames % 3:
     raise cli.UsageError(f"--sink_frames must be a non-negative multiple of 3, got "
                          f"{args.sink_frames}.")

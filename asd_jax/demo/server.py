@@ -108,7 +108,8 @@ class Scheduler:
     with self.cv:
       if job in self.waiting:
         self.waiting.remove(job)
-        job.visitor.send({"type": "stopped", "frames": 0, "queued": True})
+        job.visitor.send({"type": "stopped", "frames": 0, "total": job.spec.frames,
+                          "queued": True})
         job.visitor.job = None
         self._positions()
 
@@ -167,7 +168,7 @@ class Scheduler:
     out = {"frames": result.count, "total": spec.frames, "seconds": result.seconds,
            "fps": result.fps, "first_chunk_s": result.first_chunk_s,
            "compile_s": result.compile_s, "setting": spec.setting, "variant": spec.variant}
-    if result.count:
+    if result.count and not v.closed:  # (a closed tab downloads nothing)
       path = self.videos / f"{job.id}.mp4"
       try:
         self.engine.save_mp4(result, path)
