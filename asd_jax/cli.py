@@ -48,8 +48,9 @@ def quiet_known_noise() -> None:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-  """Failures a person can act on from the message alone."""
-  return (ValueError, OSError, NotImplementedError)
+  """Failures a person can act on from the message alone (FloatingPointError: a training run
+  stopped by its non-finite guard, `asd_jax.train.metrics.NonFiniteError`)."""
+  return (ValueError, OSError, NotImplementedError, FloatingPointError)
 
 
 def message(e: BaseException) -> str:

@@ -117,6 +117,14 @@ def test_cli_error_lines_and_debug(monkeypatch, capsys):
                 "location.\n"
   with pytest.raises(OSError):
     cli.run(failing, ["--debug"])
+
+  def diverged(argv):
+    del argv
+    from asd_jax.train.metrics import NonFiniteError
+    raise NonFiniteError("3 consecutive steps had non-finite losses or gradients")
+  assert cli.run(diverged, []) == 1
+  assert capsys.readouterr().err == ("error: 3 consecutive steps had non-finite losses or "
+                                     "gradients\n")
   monkeypatch.setenv(cli.DEBUG_ENV, "1")
   with pytest.raises(OSError):
     cli.run(failing, [])
