@@ -59,7 +59,8 @@ def parse(argv: Sequence[str]):
     raise cli.UsageError(f"--config={config_arg}: cannot load it ({cause}); e.g. "
                          f"--config=configs/toy.py.") from None
   try:
-    _checked_workdir(_WORKDIR.value)
+    if "://" not in _WORKDIR.value:  # object stores (gs://...) are checked by their first write
+      _checked_workdir(_WORKDIR.value)
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
   workdir = Path(_WORKDIR.value)  # as given: a relative workdir stays relative in records
