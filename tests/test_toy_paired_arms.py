@@ -134,3 +134,13 @@ def test_alpha_zero_arms_are_identical_and_equal_the_self_forcing_baseline(tmp_p
                  .splitlines()]
   assert [r["generator/exit_index"] for r in records] == \
       [r["generator/exit_index"] for r in asd_records]
+
+
+@pytest.mark.parametrize("field,value", [("optim.heads_lr", 0.0), ("asd.t_law", "beta"),
+                                         ("asd.r_form", "R1"), ("asd.auc_every", -1),
+                                         ("asd.auc_samples", 1), ("asd.auc_patience", 0)])
+def test_the_discriminator_fields_are_validated(field, value):
+  from asd_jax.train.config import validate  # pylint: disable=g-import-not-at-top
+  validate(_config("asd"), check_paths=False)
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    validate(_config("asd", **{field: value}), check_paths=False)
