@@ -188,7 +188,6 @@ def make_app(engine: Engine, videos: Path | None = None):
   videos = Path(tempfile.mkdtemp(prefix="asd_jax_demo_")) if own_videos else Path(videos)
   app = web.Application()
   scheduler = Scheduler(engine, videos)
-  app["scheduler"] = scheduler
 
   async def index(_):
     return web.FileResponse(STATIC / "index.html")
