@@ -109,3 +109,20 @@ def test_incomplete_release_is_refused_and_nothing_written(tmp_path, capsys):
   assert "vae:" not in err
   assert not (tmp_path / "out").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_param_dtype_stores_the_dit_and_vae_params_in_bfloat16(model_dir):
+  """--param_dtype=bfloat16 halves the DiT's and the VAE's memory (the planner's
+  --sample_param_dtype); the default keeps the converted float32."""
+  import jax
+  import jax.numpy as jnp
+  args = sample.parser().parse_args([f"--model_dir={model_dir}", "--prompt=x",
+                                     "--param_dtype=bfloat16"])
+  parts = sample.resolve_parts(args)
+  stored = sample.load_models(parts, "float32")
+  half = sample.load_models(parts, "float32", args.param_dtype)
+  for a, b in ((stored.dit_params, half.dit_params), (stored.vae_params, half.vae_params)):
+    dtypes = {x.dtype for x in jax.tree.leaves(b)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+    assert {x.dtype for x in jax.tree.leaves(a)} == {jnp.dtype(jnp.float32)}
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x.astype(jnp.bfloat16), y), a, b)

@@ -22,7 +22,8 @@ _FRACTION = flags.DEFINE_float(
     "memory_fraction", 1.0, "the share of each device's memory a plan may use (e.g. 0.75: jax's "
     "default preallocation on GPUs; below 1 to keep a margin)", lower_bound=0.0, upper_bound=1.0)
 _PARAM_DTYPE = flags.DEFINE_enum("sample_param_dtype", "float32", ["float32", "bfloat16"],
-                                 "--sample: the stored dtype of the generator's and VAE's params")
+                                 "--sample: the stored dtype of the generator's and VAE's params "
+                                 "(the sample CLI's --param_dtype)")
 # The sample CLI's flags (`python -m asd_jax.sample`); unset ones keep its defaults.
 _SAMPLE_INTS = ("steps", "first_chunk_steps", "training_steps", "num_frames", "height", "width",
                 "cache_frames", "sink_frames")
