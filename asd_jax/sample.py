@@ -206,11 +206,13 @@ def make_decoder(vae_module: Any):
 
 
 def decode_stream(vae_module: Any, vae_params: Any, latents: jax.Array,
-                  chunk_frames: int = CHUNK_FRAMES) -> Iterator[np.ndarray]:
-  """Streaming decode: yields uint8 frames [n, H, W, 3] chunk by chunk (latents [1, F, h, w, z])."""
+                  chunk_frames: int = CHUNK_FRAMES, step=None) -> Iterator[np.ndarray]:
+  """Streaming decode: yields uint8 frames [n, H, W, 3] chunk by chunk (latents [1, F, h, w, z]);
+  `step` reuses a `make_decoder` across videos."""
   F = latents.shape[1]
   return decode_chunks(vae_module, vae_params,
-                       (latents[:, s:s + chunk_frames] for s in range(0, F, chunk_frames)))
+                       (latents[:, s:s + chunk_frames] for s in range(0, F, chunk_frames)),
+                       step=step)
 
 
 def decode_chunks(vae_module: Any, vae_params: Any, chunks: Iterable[jax.Array],

@@ -219,16 +219,6 @@ def check_manifest(out: Path, identity: dict[str, Any]) -> None:
                      f"{path}); give another --out or the same flags.")
 
 
-def _decode(models: sample.Models, step: Any, latents: jax.Array) -> Iterator[np.ndarray]:
-  """`sample.decode_stream` with one compiled decoder step (`sample.make_decoder`) shared by every
-  video: uint8 frames [n, H, W, 3] chunk by chunk of latents [1, F, h, w, z]."""
-  F = latents.shape[1]
-  state = models.vae.init_decode_state(1, *latents.shape[2:4])
-  for start in range(0, F, sample.CHUNK_FRAMES):
-    frames, state = step(models.vae_params, state, latents[:, start:start + sample.CHUNK_FRAMES])
-    yield np.asarray(jnp.round((frames[0] + 1.0) * 127.5).astype(jnp.uint8))
-
-
 def batched_sampler(dit: Any, req: sample.Request, args: argparse.Namespace):
   """`sample.make_sampler` (batch 1) mapped over a batch of videos, each with its own noise and
   re-noising key: `f(params, context [B, 1, L, D], noise [B, 1, F, h, w, C], keys [B])`. One
@@ -312,7 +302,8 @@ def generate_videos(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_latents:
           buf = _npy_bytes(np.asarray(latents[i, 0]))
           atomic_write_bytes(out / LATENTS_DIR / setting.folder / (item.path.stem + ".npy"), buf)
-        sample.write_mp4(item.path, _decode(models, step, latents[i]), pixel_hw)
+        sample.write_mp4(item.path, sample.decode_stream(models.vae, models.vae_params, latents[i],
+                                                         step=step), pixel_hw)
         summary["written"] += 1
         if bar is not None:
           bar.update(1)
