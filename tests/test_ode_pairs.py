@@ -17,6 +17,7 @@ from asd_jax import pretrained
 from asd_jax.data import build
 from asd_jax.data import ode_pairs
 from asd_jax.data.ode_pairs import OdePairDataset, OdePairError
+from asd_jax.data.ode_pairs import trajectories
 from asd_jax.data.prompts import DatasetError, PromptDataset
 from asd_jax.diffusion.euler import euler_sample
 from asd_jax.io import orbax_io
@@ -223,7 +224,7 @@ def _crash_on_call(monkeypatch, k):
     if len(calls) == k:
       raise Crash("teacher died")
     return real(*args, **kwargs)
-  monkeypatch.setattr(ode_pairs, "generate_pairs", wrapped)
+  monkeypatch.setattr(trajectories, "generate_pairs", wrapped)  # where the shards call it
   return calls
 
 

@@ -354,7 +354,7 @@ def _check_paths(c: ml_collections.ConfigDict, models: dict[str, Any]) -> None:
   if c.data.ode_pairs:
     if c.stage != "ode_init":
       raise ValueError(f"data.ode_pairs is read by stage 'ode_init' only; stage is {c.stage!r}.")
-    from asd_jax.data.ode_pairs import MARKER  # pylint: disable=g-import-not-at-top
+    from asd_jax.data.ode_pairs.layout import MARKER  # pylint: disable=g-import-not-at-top
     from asd_jax.diffusion import warp_timesteps  # pylint: disable=g-import-not-at-top
     marker = Path(c.data.ode_pairs) / MARKER
     if not Path(c.data.ode_pairs).is_dir():

@@ -101,7 +101,7 @@ def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_para
     return distill_source
 
   if c.data.ode_pairs:
-    from asd_jax.data.ode_pairs import OdePairDataset  # pylint: disable=g-import-not-at-top
+    from asd_jax.data.ode_pairs.reader import OdePairDataset  # pylint: disable=g-import-not-at-top
     pairs = OdePairDataset(c.data.ode_pairs).with_context(prompts)
     stored = np.asarray(pairs.pairs.timesteps, np.float64)
     if not np.allclose(stored, timesteps, atol=1e-3):
@@ -113,9 +113,9 @@ def make_source(config: ml_collections.ConfigDict, *, teacher: Any, teacher_para
       return {k: np.asarray(b[k], np.float32) for k in ("noisy", "clean", "context")}
     return pair_source
 
-  from asd_jax.data import ode_pairs  # pylint: disable=g-import-not-at-top
-  grid = ode_pairs.ode_timesteps(c.ode.steps, c.shift, c.timesteps)
-  make = jax.jit(lambda p, idx, ctx, neg_ctx: ode_pairs.generate_pairs(
+  from asd_jax.data.ode_pairs import trajectories  # pylint: disable=g-import-not-at-top
+  grid = trajectories.ode_timesteps(c.ode.steps, c.shift, c.timesteps)
+  make = jax.jit(lambda p, idx, ctx, neg_ctx: trajectories.generate_pairs(
       teacher, p, idx, ctx, neg_ctx, seed=c.seed, latent_shape=latent, timesteps=grid,
       guidance_scale=c.ode.guidance))
 
