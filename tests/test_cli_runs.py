@@ -1,5 +1,5 @@
-"""The real `python -m asd_jax.train` as a person runs it: SIGTERM during ASD and ODE-init runs,
-and max_nonfinite stopping a diverging run.
+"""The real `python -m asd_jax.train` as a person runs it: SIGTERM during ASD and ODE-init runs, max_nonfinite stopping a diverging run, and two processes on CPU
+(jax.distributed with a local coordinator) equal to one.
 
 All slow (each compiles and runs real training): `python -m pytest -m slow tests/test_cli_runs.py`.
 """
@@ -7,6 +7,7 @@ All slow (each compiles and runs real training): `python -m pytest -m slow tests
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,3 +84,74 @@ def test_max_nonfinite_stops_a_diverging_run(tmp_path):
   records = _records(tmp_path)
   assert len(records) < 30 and records[-1]["skipped_total"] >= 3, records[-1:]
   assert not (tmp_path / "export").exists()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_cpu_equal_one_process(tmp_path):
+  """jax.distributed.initialize with a local coordinator, one CPU device a process, CPU
+  collectives (gloo): the same parameters as one process with two devices, metrics written once."""
+  total = 1  # the script's run: one update-ratio cycle
+  script = REPO / "tests" / "train_mesh_equivalence.py"
+
+  def cmd(workdir, out):
+    return [sys.executable, str(script), "dmd", "-1", "1", "1", str(workdir), str(out)]
+
+  one = subprocess.run(cmd(tmp_path / "one", tmp_path / "one.npz"), cwd=REPO, env=_env(
+      XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"),
+      capture_output=True, text=True, timeout=1800)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(cmd(tmp_path / "two", tmp_path / f"two_{i}.npz"), cwd=REPO,
+                            env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=1800) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  a = dict(np.load(tmp_path / "one.npz"))
+  for i in range(2):
+    b = dict(np.load(tmp_path / f"two_{i}.npz"))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=1e-5, err_msg=k)
+  assert [r["step"] for r in _records(tmp_path / "two")] == list(range(1, total + 1))
+
+
+def test_training_from_built_datasets_through_the_cli(tmp_path):
+  """data.prompts (python -m asd_jax.data.build's layout) and data.ode_pairs (python -m
+  asd_jax.data.ode_pairs's) read by the real trainer; pairs made on other timesteps refused before
+  anything is created."""
+  from asd_jax.data import build, ode_pairs  # pylint: disable=g-import-not-at-top
+  from test_ode_pairs import Encoder, TEXT_LEN, write_teacher  # pylint: disable=g-import-not-at-top
+  prompts = build.build_dataset(["a cat surfing a wave", "a red fox in the snow", "a kite"],
+                                tmp_path / "prompts", Encoder(), text_len=TEXT_LEN,
+                                progress=False)
+  teacher = write_teacher(tmp_path / "teacher")
+  pairs = ode_pairs.build_ode_pairs(prompts, teacher, tmp_path / "pairs", num_examples=4,
+                                    frames=6, height=4, width=4, batch_size=2,
+                                    examples_per_shard=2, dtype="float32", progress=False)
+  data = [f"--config.data.prompts={prompts}", f"--config.data.ode_pairs={pairs}"]
+  r = subprocess.run(_train(["--config=configs/ode_init.py:tiny", f"--workdir={tmp_path / 'ode'}",
+                             "--config.total_steps=2", "--config.export=False", *data]),
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert [rec["step"] for rec in _records(tmp_path / "ode")] == [1, 2]
+  r = subprocess.run(_train(["--config=configs/self_forcing.py:tiny",
+                             f"--workdir={tmp_path / 'dmd'}", "--config.total_steps=1",
+                             "--config.export=False", f"--config.data.prompts={prompts}"]),
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert len(_records(tmp_path / "dmd")) == 1
+  r = subprocess.run(_train(["--config=configs/ode_init.py:tiny", f"--workdir={tmp_path / 'bad'}",
+                             "--config.shift=3.0", *data]),
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode != 0
+  assert f"data.ode_pairs = {pairs} holds timesteps" in r.stderr, r.stderr[-3000:]
+  assert not (tmp_path / "bad").exists()
