@@ -1,4 +1,5 @@
-"""The real `python -m asd_jax.train` as a person runs it: SIGTERM during ASD and ODE-init runs, max_nonfinite stopping a diverging run, and two processes on CPU
+"""The real `python -m asd_jax.train` as a person runs it: SIGTERM during ASD and ODE-init runs,
+max_nonfinite stopping a diverging run, training from built datasets, and two processes on CPU
 (jax.distributed with a local coordinator) equal to one.
 
 All slow (each compiles and runs real training): `python -m pytest -m slow tests/test_cli_runs.py`.
