@@ -12,16 +12,20 @@ The discriminator (the paper gives neither its learning rate nor a working noise
 - optim.heads_lr = 1e-4 (not the critic's 4e-7). AdamW with beta1 = 0 moves a weight by about
   lr per update (g / sqrt(nu) is of order 1), at most 3,000 lr in the paper's 3,000 updates:
   1.2e-3 at 4e-7, against a fresh head's initial scale of 0.0255 (xavier, 1536 wide): the heads
-  would stay where they were drawn. 1e-4 is the smallest rate at which a consistent gradient
-  moves a weight by its initial scale within the first 10% of the run (0.0255 / 300 updates);
+  would stay where they were drawn. 1e-4 is about the smallest rate at which a consistent
+  gradient moves a weight by its initial scale within the first 10% of the run (0.0255 / 300
+  updates = 8.5e-5);
   with a sign-random gradient it still drifts 1e-4 x sqrt(3000) = 22% of it. Per update, relative
   to the initial scale, that is half the toy's rate (1e-3 against 0.125, 64 wide; the toy's
   measurement: docs/toy_results.md), with ten times the toy's updates.
 - asd.t_law = 'uniform' (this project's): t ~ U[20, 980] without the shift, mean signal weight
   1 - t/1000 of 0.5. DMD's shifted law (the first implementation's) averages 0.25 and the
   paper's Algorithm 1 (t uniform over 1000, 937.5, 833.3, 625) 0.15, with a quarter of the pairs
-  at t = 1000, pure noise that carries nothing to tell apart (the toy measurement of the three
-  laws: docs/toy_results.md).
+  at t = 1000, pure noise that carries nothing to tell apart. On the toy world, generator frozen,
+  fresh heads at the toy's rate, 150 steps, the held-out AUC for n = 1 / 2 / 3 was 0.64 / 0.56 /
+  0.65 under this law, 0.62 / 0.53 / 0.56 under DMD's and 0.56 / 0.50 / 0.51 (chance) under
+  Algorithm 1's (chance band 0.5 +- 0.07; one seed: docs/toy_results.md). At a tenth of the
+  toy's rate every law stayed at or near chance: the rate matters first, the law second.
 - asd.r_form = 'eq6': the paper's Eq. 6 with lambda 600 and sigma 0.05. Self Forcing's GAN code
   divides the difference by sigma ('sigma', 400x stronger); which one the authors ran is unknown.
 Watch `disc_auc/n1..n3` in metrics.jsonl (the held-out AUC, every asd.auc_every steps): a warning
