@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from asd_jax.distill.losses import auc_chance_band, pair_auc
@@ -56,7 +57,6 @@ class DiscAuc:
 
   def __call__(self, teacher_params: Any, state: Any) -> dict[str, float]:
     """{'disc_auc/n1': ..., 'disc_auc/min': ..., 'disc_auc/chance_band': ...} of `state`."""
-    import jax  # pylint: disable=g-import-not-at-top
     scores = [jax.device_get(self.program(teacher_params, state, batch, np.int32(i)))
               for i, batch in enumerate(self.pool)]
     f_n = np.concatenate([s["f_n"] for s in scores], axis=1)  # [N - 1, samples]
