@@ -156,3 +156,18 @@ def test_training_from_built_datasets_through_the_cli(tmp_path):
   assert r.returncode != 0
   assert f"data.ode_pairs = {pairs} holds timesteps" in r.stderr, r.stderr[-3000:]
   assert not (tmp_path / "bad").exists()
+
+
+def test_readme_toy_quick_command(tmp_path):
+  """The README's main command, `python -m asd_jax.train --config=configs/toy.py:quick` (about 9
+  minutes on two busy CPU cores): every stage exported, every setting scored, the report written."""
+  r = subprocess.run(_train(["--config=configs/toy.py:quick", f"--workdir={tmp_path}"]),
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3000)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results["runs"]) == {"ode_init", "asd"}
+  for m in results["runs"]["asd"]["schedules"].values():
+    assert np.isfinite(m["nll_per_dim"]) and 0.0 <= m["coverage"] <= 1.0
+  assert (tmp_path / "report.md").read_text().startswith("# Toy world")
+  for stage in ("teacher", "ode_init", "asd"):
+    assert (tmp_path / stage / "export" / "config.json").is_file(), stage
