@@ -1,4 +1,4 @@
-"""Speed of causal generation: frames per second and first-chunk latency of `asd_jax.sampling.generate`.
+"""Causal generation: FPS and first-chunk latency, or (--target) memory and cost on an accelerator.
 
 For each step setting (4 = four steps on every chunk; n* = FFE: four steps on the first chunk, n on
 the later ones), times one whole video and, separately, the first chunk alone (the latency until the
@@ -10,6 +10,16 @@ CPU defaults (reduced): the real 1.3B DiT on 9 latent frames of 8x8 (33 frames o
 GPU (the paper's setting): `--frames=21 --height=60 --width=104 --dtype=bfloat16` (832x480, 81
 frames). Self Forcing's reference on one H100: 17 FPS and 0.69 s latency at 4 steps.
 
+With `--target=NAME` (an accelerator as `asd_jax.targets` names it: v5e-1, v6e-1, h100x1, v5p-8,
+...) nothing runs and nothing is timed: for each step setting the sampler of a whole video and of
+the first chunk alone, and the streaming VAE decode of a chunk (unless `--vae=none`), are compiled
+for the target without it by the planner's `asd_jax.plan.plan_sampler` (the programs
+`python -m asd_jax.sample` runs, built by `asd_jax.sample.make_sampler` / `make_decoder`), which
+reports per-device memory against the device's, analytic FLOPs and, on TPU, XLA's cost-model FLOPs
+and seconds (an estimate, not a measurement). The weights are stored in the compute dtype (as
+here); --dtype defaults to bfloat16. Exit status as the planner's: 0 fits, 3 does not, 1 a compile
+error, 2 bad input (before any compile).
+
 With `--reference=PATH` (a checkout of Self Forcing, github guandeh17/Self-Forcing), it instead
 runs asd_jax's sampler side by side with Self Forcing's own PyTorch chunk loop in this process, on
 the same weights (its `CausalWanModel` with its KV cache, driven as its
@@ -17,6 +27,7 @@ the same weights (its `CausalWanModel` with its KV cache, driven as its
 both; see `compare_with_reference`.
 
 Usage: python benchmarks/sampler.py [--preset=1.3b] [--layers=N] [--settings=4,2*,1*] [--repeats=3]
+       python benchmarks/sampler.py --target=v6e-1 --frames=21 --height=60 --width=104 [--vae=none]
        python benchmarks/sampler.py --reference=/path/to/Self-Forcing --layers=4 --frames=9 \
          --height=16 --width=26 --steps=4
 """
@@ -317,7 +328,119 @@ def compare_with_reference(args) -> dict:
   }
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------
+# Compiled for an accelerator that is not attached.
+
+
+def sample_flags(setting: str, args) -> list[str]:
+  """The sample CLI's flags (`python -m asd_jax.sample`) of one step setting and the video size.
+
+  '4' -> 4 steps on every chunk; '2*' -> FFE: every training step on the first chunk, the first 2
+  on later ones (the CLI's default first chunk), as `schedules` above.
+  """
+  n = setting[:-1] if setting.endswith("*") else setting
+  steps = [f"--steps={n}"] if setting.endswith("*") else [f"--steps={n}",
+                                                          f"--first_chunk_steps={n}"]
+  return steps + ["--training_steps=4", f"--height={args.height * 8}",
+                  f"--width={args.width * 8}", f"--dtype={args.dtype}"]
+
+
+def compile_for_target(args) -> tuple[dict, int]:
+  """The sampler (and the VAE decode) compiled for `args.target` by `asd_jax.plan.plan_sampler`."""
+  import dataclasses
+  import ml_collections
+  from asd_jax import plan, sample, targets
+  from asd_jax.train import sharding as shd
+
+  def error(message: str) -> tuple[dict, int]:
+    print(f"error: {message}", file=sys.stderr)
+    return {}, 2
+
+  if args.chunk_frames != sample.CHUNK_FRAMES:
+    return error(f"--target compiles the sampler of `python -m asd_jax.sample`, which takes "
+                 f"{sample.CHUNK_FRAMES}-frame chunks; give --chunk_frames={sample.CHUNK_FRAMES}.")
+  if args.dtype not in ("float32", "bfloat16"):
+    return error(f"--dtype must be float32 or bfloat16 (the sample CLI's), not {args.dtype!r}.")
+  if args.vae not in ("wan2.1", "none"):
+    return error(f"--target compiles the Wan 2.1 VAE's decode (the planner's); give "
+                 f"--vae=wan2.1 or --vae=none, not {args.vae!r}.")
+  if args.frames % args.chunk_frames:
+    return error(f"--frames {args.frames} is not a whole number of {args.chunk_frames}-frame "
+                 f"chunks; e.g. --frames=21.")
+  settings = args.settings.split(",")
+  for setting in settings:  # the sample CLI's own checks, before anything compiles
+    if not setting.rstrip("*").isdigit():
+      return error(f"--settings: {setting!r} is not n or n* (e.g. 4,2*,1*).")
+    for frames in (args.frames, args.chunk_frames):
+      try:
+        plan.sample_request(sample_flags(setting, args) + [f"--num_frames={4 * (frames - 1) + 1}"])
+      except ValueError as e:
+        return error(f"{e} (from --frames/--height/--width, latent sizes: pixels are 8x)")
+  try:
+    target = targets.parse(args.target)
+    devices = targets.devices(target)
+  except (ValueError, RuntimeError) as e:
+    return error(str(e))
+  mesh = shd.make_mesh((-1, 1, 1), devices=devices)  # everything replicated: one device's figures
+  # The planner reads the student's architecture and the text length from a run config.
+  student = dict(preset=args.preset, scan_layers=args.scan_layers)
+  if args.layers:
+    student["num_layers"] = args.layers
+  config = ml_collections.ConfigDict(dict(models=dict(student=student),
+                                          data=dict(text_len=args.text_len)))
+  log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+  F, k = args.frames, args.chunk_frames
+  result = {
+      "benchmark": "sampler", "mode": "deviceless", "timed": False,
+      "timing": f"none: compiled for {target.name} without the device, nothing ran; the figures "
+                f"are the planner's (asd_jax.plan.plan_sampler): XLA's memory analysis and, on "
+                f"TPU, its cost model (xla_seconds is an estimate, not a measurement)",
+      "target": dataclasses.asdict(target),
+      "mesh": {name: int(v) for name, v in mesh.shape.items()},
+      "config": {"preset": args.preset, "layers": args.layers or None, "dtype": args.dtype,
+                 "param_dtype": args.dtype, "latent_frames": F, "latent_hw": [args.height,
+                                                                               args.width],
+                 "pixel_hw": [args.height * 8, args.width * 8], "pixel_frames": 4 * (F - 1) + 1,
+                 "chunk_frames": k, "batch": 1, "text_len": args.text_len,
+                 "scan_layers": args.scan_layers, "vae": args.vae},
+      "settings": {},
+  }
+  entries = []
+  for i, setting in enumerate(settings):
+    flags_ = sample_flags(setting, args)
+    _, req = plan.sample_request(flags_ + [f"--num_frames={4 * (F - 1) + 1}"])
+    row = {"first_chunk_steps": len(req.first), "later_chunk_steps": len(req.later),
+           "dit_forwards": len(req.first) + (F // k - 1) * len(req.later) + (F // k - 1),
+           "sample_flags": flags_}
+    # The whole video, with the decode of a chunk once (it does not depend on the setting).
+    only = None if i == 0 and args.vae != "none" else ("sampler",)
+    video = plan.plan_sampler(config, target, mesh, flags_ + [f"--num_frames={4 * (F - 1) + 1}"],
+                              param_dtype=args.dtype, only=only, log=log)
+    video[0].name = f"sampler {setting}"
+    entries.append(video[0])
+    row["video"] = row["first_chunk"] = video[0].to_dict()
+    if F > k:  # the first chunk alone: what the first frames wait for
+      first = plan.plan_sampler(config, target, mesh,
+                                flags_ + [f"--num_frames={4 * (k - 1) + 1}"],
+                                param_dtype=args.dtype, only=("sampler",), log=log)[0]
+      first.name = f"sampler {setting} first chunk"
+      entries.append(first)
+      row["first_chunk"] = first.to_dict()
+    for e in video[1:]:
+      result.setdefault("vae_decode", {})[e.name] = e.to_dict()
+      entries.append(e)
+    result["settings"][setting] = row
+  log(plan.table(entries, target))
+  result["fits"] = all(e.fits for e in entries)
+  result["units"] = ("bytes per device; FLOPs: analytic for the whole program, XLA's per device; "
+                     "seconds: XLA's estimate")
+  result["notes"] = list(plan.NOTES)
+  if any(e.error and not e.error.startswith("out of memory") for e in entries):
+    return result, 1
+  return result, 0 if result["fits"] else 3
+
+
+def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="1.3b")
   ap.add_argument("--frames", type=int, default=9, help="latent frames")
@@ -338,15 +461,27 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=4, help="with --reference: steps on every chunk")
   ap.add_argument("--torch_threads", type=int, default=os.cpu_count())
   ap.add_argument("--out", default=None, help="also write the JSON here")
+  ap.add_argument("--target", default=None,
+                  help="compile for this accelerator without it (v5e-1, v6e-1, h100x1, ...): "
+                       "memory and XLA's cost model instead of timing")
   args = ap.parse_args()
 
+  if args.target:
+    if args.reference:
+      print("error: --target and --reference are separate modes; give one of them.",
+            file=sys.stderr)
+      return 2
+    from asd_jax import targets
+    targets.quiet_cuda_plugin()  # before jax looks for its plugins: GPU targets need it
+    args.dtype = args.dtype or "bfloat16"
+    result, code = compile_for_target(args)
+    if result:
+      _emit(result, args.out)
+    return code
+
   if args.reference:
-    result = compare_with_reference(args)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-      Path(args.out).write_text(text + "\n")
-    return
+    _emit(compare_with_reference(args), args.out)
+    return 0
 
   on_gpu = jax.default_backend() == "gpu"
   dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
@@ -405,11 +540,17 @@ def main() -> None:
         "first_chunk_pixel_frames": first_chunk_pixels, **entry,
     }
     print(json.dumps({setting: result["settings"][setting]}), file=sys.stderr)
-  text = json.dumps(result, indent=1)
-  print(text)
-  if args.out:
-    Path(args.out).write_text(text + "\n")
+  _emit(result, args.out)
+  return 0
+
+
+def _emit(result: dict, out: str | None) -> None:
+  """Prints the JSON and, with --out, writes it atomically (a temporary sibling, then a rename)."""
+  print(json.dumps(result, indent=1))
+  if out:
+    from asd_jax.plan import write_json
+    write_json(out, result)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

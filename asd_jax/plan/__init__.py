@@ -142,9 +142,11 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: 
 # ------------------------------------------------------------------------------------------ setup
 
 
-def resolve(config, target_name: str, memory_fraction: float = 1.0):
+def resolve(config, target_name: str | None, memory_fraction: float = 1.0):
   """Checks the target, the config and the mesh before anything compiles.
 
+  target_name: a target (`asd_jax.targets`), or None for the local devices (`jax.devices()`; the
+    returned target is None then).
   memory_fraction: the share of each device's memory the plan may use (the target's
   `hbm_bytes_per_device` is scaled by it).
 
@@ -155,8 +157,10 @@ def resolve(config, target_name: str, memory_fraction: float = 1.0):
     RuntimeError: libtpu or the CUDA plugin is missing (the message names the pip command).
   """
   from asd_jax.train import loop, sharding as shd  # pylint: disable=g-import-not-at-top
+  target = None
   try:
-    target = targets.parse(target_name)
+    if target_name is not None:
+      target = targets.parse(target_name)
   except ValueError as e:
     raise BadInput(str(e)) from None
   if config.stage == "toy":
@@ -166,11 +170,12 @@ def resolve(config, target_name: str, memory_fraction: float = 1.0):
     loop.validate(config)
   except (ValueError, FileNotFoundError) as e:
     raise BadInput(f"the config fails validation: {e}") from None
-  devices = targets.devices(target)
+  devices = targets.devices(target) if target is not None else jax.devices()
   try:
     mesh = shd.make_mesh(tuple(config.mesh_shape), devices=devices)
   except ValueError as e:
-    raise BadInput(f"{e} (target {target.name} has {target.num_devices} devices: give "
+    where = f"target {target.name}" if target is not None else "this host"
+    raise BadInput(f"{e} ({where} has {len(devices)} devices: give "
                    f"--config.mesh_shape=(data,fsdp,tensor) with that product, or -1 on one "
                    f"axis)") from None
   axes = shd.batch_sharding(mesh).spec[0] or ()
@@ -181,7 +186,7 @@ def resolve(config, target_name: str, memory_fraction: float = 1.0):
                    f"give --config.batch_size=k*{batch_axes}.")
   if not 0 < memory_fraction <= 1:
     raise BadInput(f"memory_fraction must be in (0, 1], got {memory_fraction}.")
-  if memory_fraction != 1:
+  if memory_fraction != 1 and target is not None:
     target = dataclasses.replace(
         target, hbm_bytes_per_device=int(target.hbm_bytes_per_device * memory_fraction))
   return target, mesh, loop.toy_world(config)
@@ -190,23 +195,38 @@ def resolve(config, target_name: str, memory_fraction: float = 1.0):
 # ------------------------------------------------------------------------------------------ plans
 
 
-def plan_training(config, target: targets.Target, mesh, world=None,
-                  only: Sequence[str] | None = None,
-                  log: Callable[[str], None] = lambda _: None) -> list[Entry]:
-  """Compiles the state's initialisation and every step the config's stage runs."""
+def program_name(stage: str, step: str) -> str:
+  """The name a plan gives the training step `step` (a `Programs.steps` key) of `stage`."""
+  if step == "generator":
+    return {"ode_init": "ode_regression", "pretrain": "pretrain"}.get(stage, "generator")
+  return {"critic": "critic", "disc": "discriminator"}[step]
+
+
+def training_jobs(config, mesh, world=None):
+  """The programs of the config's stage (`build_programs`) and, for each, its plan job.
+
+  Returns:
+    (programs, jobs): jobs are (name, jitted fn, abstract args, analytic FLOPs), the state's
+    initialisation first, then each step of `programs.steps` in its order (names: `program_name`).
+  """
   from asd_jax.train.programs import build_programs  # pylint: disable=g-import-not-at-top
   c = config
   progs = build_programs(c, mesh, world=world)
-  names = {"generator": {"ode_init": "ode_regression", "pretrain": "pretrain"}.get(c.stage,
-                                                                                    "generator"),
-           "critic": "critic", "disc": "discriminator"}
   kw = dict(stage=c.stage, student=progs.student_cfg, critic=progs.critic_cfg,
             teacher=progs.teacher_cfg, taps=tuple(c.asd.taps), batch=c.batch_size,
             latent=progs.latent, chunk_frames=c.chunk_frames,
             num_timesteps=len(progs.timesteps), text_len=c.data.text_len, alpha=c.asd.alpha)
   jobs = [("state_init", progs.init, progs.args["init"], 0.0)]
   for key, fn in progs.steps.items():
-    jobs.append((names[key], fn, progs.args[key], fl.step_flops(key, **kw)))
+    jobs.append((program_name(c.stage, key), fn, progs.args[key], fl.step_flops(key, **kw)))
+  return progs, jobs
+
+
+def plan_training(config, target: targets.Target, mesh, world=None,
+                  only: Sequence[str] | None = None,
+                  log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+  """Compiles the state's initialisation and every step the config's stage runs."""
+  _, jobs = training_jobs(config, mesh, world)
   return _compile_jobs(jobs, mesh, target, only, log)
 
 
