@@ -42,6 +42,7 @@ def test_rollout_values_are_an_exit_plus_one_step_generation(tiny, exit_index):
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # chunk 0 only; the sequential-loop test below checks every chunk's gradient
 def test_rollout_gradient_flows_only_through_the_exit_forward(tiny):
   """d(chunk 0 output)/d(params) equals that of one forward on the (frozen) exit input."""
   module, params = tiny

@@ -231,6 +231,7 @@ def _shrink(c):
   return c
 
 
+@pytest.mark.slow  # about 160 s on two busy cores; the stages' pieces are tested above
 def test_the_toy_pipeline_runs_every_stage_and_resumes_nothing_twice(tmp_path):
   c = _shrink(toy_config("quick"))
   logs = []
