@@ -25,6 +25,7 @@ def _plan(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_asd_stage_on_a_tpu_slice_lists_every_program_and_writes_json(tmp_path):
   out = tmp_path / "plan.json"
   r = _plan(*TINY, "--target=v5p-8", f"--json={out}")

@@ -59,6 +59,7 @@ def test_analytic_teacher_is_the_exact_velocity_per_row(world):
     AnalyticTeacher(world).apply({}, x, jnp.ones((4, 6)), ctx)
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_pretrain_step_is_flow_matching_with_context_dropout():
   cfg = wan.WanConfig.preset("tiny", in_channels=4, out_channels=4, dtype="float32")
   model = wan.WanModel(cfg)
@@ -91,6 +92,7 @@ def test_pretrain_step_is_flow_matching_with_context_dropout():
   assert float(m["flow_loss"]) < 0.8 * first
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_generate_returns_the_x0_of_every_step(world):
   cfg = wan.WanConfig.preset("tiny", in_channels=4, out_channels=4, dtype="float32")
   module, params = wan.WanModel(cfg), wan.init_params(cfg, jax.random.key(0))

@@ -37,6 +37,7 @@ def _leaves(tree):
                      else x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_self_forcing_resume_is_bit_exact(tmp_path):
   """3 steps straight == 2 steps, stop, restart from the checkpoint, 1 more."""
   straight = loop.train(_config("self_forcing", total_steps=3, export=False), tmp_path / "a")
@@ -50,6 +51,7 @@ def test_self_forcing_resume_is_bit_exact(tmp_path):
   assert all(np.isfinite(r["generator_loss"]) for r in records)
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_asd_tiny_runs_and_exports_a_loadable_generator(tmp_path):
   r = subprocess.run([sys.executable, "-m", "asd_jax.train", "--config=configs/asd.py:tiny",
                       f"--workdir={tmp_path}", "--config.total_steps=2",

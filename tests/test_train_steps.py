@@ -82,6 +82,7 @@ def test_critic_step_changes_only_the_critic(sf):
     assert _equal(getattr(new, field), getattr(state, field)), field
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_alpha_zero_is_exactly_the_self_forcing_baseline(world, sf, asd):
   """The ASD run's steps with alpha = 0 (heads built, discriminator steps interleaved) train the
   generator and critic exactly as the Self Forcing baseline's steps (no heads, no discriminator).

@@ -114,6 +114,7 @@ def test_taps_are_hidden_states_after_those_blocks(tiny):
     module.apply({"params": params}, x, t, ctx, taps=(cfg.num_layers,))
 
 
+@pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
 def test_unrolled_and_remat_match_scan(tiny):
   cfg, module, params = tiny
   x, t, ctx = _inputs(cfg, 6)
