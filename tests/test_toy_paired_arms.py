@@ -1,15 +1,14 @@
 """Paired arms of an ablation: every arm sees the same batches, noise and draws; the
 discriminator's held-out AUC is measured and a blind discriminator is reported."""
 
-import importlib.util
 import json
 import math
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import run_configs
 
 from asd_jax.distill import losses
 from asd_jax.toy import ablation
@@ -18,28 +17,15 @@ from asd_jax.train import sharding as shd
 from asd_jax.train.disc_auc import DiscAuc
 from asd_jax.train.steps import AUC_STREAM, DISC_STREAM, cycle_substeps
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(name, **overrides):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
-  c.progress = False
+  c = run_configs.config(name, **overrides)
   c.export = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
   return c
 
 
-def _leaves(tree):
-  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                     else x) for x in jax.tree_util.tree_leaves(tree)]
+_leaves = run_configs.leaves
 
 
 def _same(a, b):

@@ -1,15 +1,14 @@
 """`python -m asd_jax.train` on the tiny configs: runs, resumes bit for bit, exports, validates."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+import run_configs
 
 from asd_jax import pretrained
 from asd_jax.train import loop
@@ -17,24 +16,8 @@ from asd_jax.train import loop
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(name, arg="tiny", **overrides):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  c.progress = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def _leaves(tree):
-  return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                     else x) for x in jax.tree_util.tree_leaves(tree)]
+_config = run_configs.config
+_leaves = run_configs.leaves
 
 
 @pytest.mark.slow  # suite budget (the default suite stays under 10 minutes on 2 cores)
