@@ -107,3 +107,14 @@ def positive(value: int | float | None, flag: str, *, allow_none: bool = False,
     return
   if value is None or value < minimum:
     raise UsageError(f"{flag} must be >= {minimum}, got {value}.")
+
+
+def parse_absl_flags(argv: Sequence[str]) -> list[str]:
+  """`app.run(main, flags_parser=cli.parse_absl_flags)`: an unknown or malformed flag is one
+  `error:` line and exit status 2, not absl's usage dump."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

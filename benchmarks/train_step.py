@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from asd_jax import cli  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "asd.py") + ":tiny",
                                           "a configs/*.py file[:ARG]", lock_config=True)
 _TARGET = flags.DEFINE_string("target", None, "compile for this target without it (v5p-8, "
@@ -270,13 +272,5 @@ def main(argv) -> int:
   return code
 
 
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_absl_flags)

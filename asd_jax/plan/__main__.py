@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from asd_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _TARGET = flags.DEFINE_string("target", None, "e.g. v5p-8, v6e-1, v5e-1, h100x8, h100x1")
 _JSON = flags.DEFINE_string("json", None, "also write every figure to this JSON file")
@@ -86,13 +88,5 @@ def _error(message: str) -> int:
   return 2
 
 
-def _parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_absl_flags)
