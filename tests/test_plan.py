@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from asd_jax import targets
@@ -90,6 +91,11 @@ def test_exit_3_when_a_program_does_not_fit(tmp_path):
     (["--target=v5p-8", "--config.batch_size=3", "--config.mesh_shape=(2,1,2)"], "multiple"),
     (["--target=v5p-8", "--config.latent.frames=7"], "chunk_frames"),  # fails validation
     (["--target=v5p-8", "--config.batch_size=4", "--only=sampler"], "state_init, generator"),
+    (["--target=v5p-8", "--config.batch_size=4", "--ode_pairs", "--ode_steps=0"], "--steps"),
+    # 700 is not a point of the 48-step grid with shift 5: the builder refuses it too.
+    (["--target=v5p-8", "--config.batch_size=4", "--ode_pairs",
+      "--ode_training_timesteps=1000,700"], "grid"),
+    (["--target=v5p-8", "--config.batch_size=4", "--ode_pairs", "--sample"], "one of them"),
 ])
 def test_bad_input_exits_2_before_compiling(args, message):
   r = _plan("--config=configs/asd.py:tiny", *args, timeout=120)
@@ -116,3 +122,31 @@ def test_gpu_training_steps_on_eight_gpus():
             "--config.dtype=bfloat16", "--only=generator,discriminator")
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert "\ngenerator " in r.stdout and "\ndiscriminator " in r.stdout
+
+
+def test_ode_pair_solve(tmp_path):
+  """The builder's teacher solve (`trajectories.solve_pairs`) at the builder's flags."""
+  out = tmp_path / "ode.json"
+  flags_ = ["--ode_frames=3", "--ode_height=8", "--ode_width=8", "--ode_steps=8", "--ode_shift=1",
+            "--ode_training_timesteps=1000,750", "--ode_batch_size=2"]
+  r = _plan("--config=configs/ode_init.py:tiny", "--config.mesh_shape=(1,1,4)", "--target=v5p-8",
+            "--ode_pairs", *flags_, f"--json={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["kind"] == "ode_pairs" and data["fits"]
+  assert data["ode_pairs_flags"] == [f.replace("--ode_", "--") for f in flags_]
+  (p,) = data["programs"]
+  assert p["name"] == "ode_pairs_solve" and p["analytic_flops"] > 0 and p["xla_flops"] > 0
+  # Outputs: noisy [B, K, F, H, W, C] and clean [B, F, H, W, C] float32 (TPU tiles may pad them).
+  logical = 4 * 2 * (2 + 1) * 3 * 8 * 8 * 16
+  assert p["memory"]["output"] >= logical
+  # Arguments: the teacher's params, float32 unless --ode_param_dtype says otherwise, and the
+  # prompt and negative contexts [B, text_len, text_dim].
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from asd_jax.models import wan  # pylint: disable=g-import-not-at-top
+  from asd_jax.train.programs import wan_config  # pylint: disable=g-import-not-at-top
+  import run_configs  # pylint: disable=g-import-not-at-top
+  c = run_configs.config("ode_init")
+  cfg = wan_config(c.models.teacher, "bfloat16", "none").replace(param_dtype="float32")
+  param_bytes = sum(np.prod(a.shape) * 4 for a in jax.tree.leaves(wan.abstract_params(cfg)))
+  assert p["memory"]["argument"] >= param_bytes + 2 * 4 * 2 * c.data.text_len * cfg.text_dim

@@ -15,6 +15,7 @@ Everything here can be called from Python: `plan_training`, `plan_sampler`, `rep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -308,6 +309,67 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   jobs = [("sampler", sampler, sampler_args, analytic),
           ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
           ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
+  return _compile_jobs(jobs, mesh, target, only, log)
+
+
+def ode_pairs_request(argv: Sequence[str] = ()):
+  """The ODE-pair builder's settings (`python -m asd_jax.data.ode_pairs`) for its flags `argv`.
+
+  Returns:
+    (args, timesteps): the parsed flags (the builder's defaults otherwise) and `ode_timesteps`.
+  Raises:
+    BadInput: a flag the builder would refuse, or training timesteps off the Euler grid.
+  """
+  from asd_jax import cli  # pylint: disable=g-import-not-at-top
+  from asd_jax.data.ode_pairs import cli as ode_cli, trajectories  # pylint: disable=g-import-not-at-top
+  try:
+    args = ode_cli.parser().parse_args(["--prompts=plan", "--teacher=plan", "--out=plan", *argv])
+  except SystemExit:
+    raise BadInput(f"the ODE-pair builder's flags {list(argv)} do not parse; see "
+                   f"`python -m asd_jax.data.ode_pairs --help`.") from None
+  try:
+    training = ode_cli.check_args(args)
+    for name in ("frames", "height", "width", "batch_size"):
+      if getattr(args, name) < 1:
+        raise BadInput(f"--ode_{name} must be >= 1, got {getattr(args, name)}.")
+    return args, trajectories.ode_timesteps(args.steps, args.shift, training)
+  except (cli.UsageError, ValueError) as e:
+    raise BadInput(str(e)) from None
+
+
+def plan_ode_pairs(config, target: targets.Target, mesh, ode_argv: Sequence[str] = (),
+                   only: Sequence[str] | None = None,
+                   log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+  """Compiles the ODE-pair builder's teacher solve (48 Euler steps with CFG, one batch).
+
+  The program is the one the builder jits (`trajectories.generate_pairs`), for the config's
+  teacher (`config.models.teacher`, computing in the builder's --dtype, params stored as its
+  --param_dtype: float32 when not given, the widest a converted release can be) at the builder's
+  latent size and --batch_size, with the prompt and negative contexts float32 [B, text_len, D] as
+  the prompt dataset returns them. The builder runs on one device; here everything is replicated
+  over the mesh, which gives each device the one-device figures.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from asd_jax.data.ode_pairs import trajectories  # pylint: disable=g-import-not-at-top
+  from asd_jax.models import wan  # pylint: disable=g-import-not-at-top
+  from asd_jax.train.programs import wan_config  # pylint: disable=g-import-not-at-top
+  args, ts = ode_pairs_request(ode_argv)
+  cfg = wan_config(config.models.teacher, args.dtype, "none").replace(
+      param_dtype=args.param_dtype or "float32")
+  rep = NamedSharding(mesh, P())
+  B, L, shape = args.batch_size, config.data.text_len, (args.frames, args.height, args.width,
+                                                        cfg.in_channels)
+  abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                 wan.abstract_params(cfg))
+  context = jax.ShapeDtypeStruct((B, L, cfg.text_dim), jnp.float32, sharding=rep)
+  ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rep)
+  fn = jax.jit(functools.partial(
+      trajectories.solve_pairs, module=wan.WanModel(cfg), latent_shape=shape,
+      grid=tuple(ts.grid), indices=tuple(ts.indices), guidance_scale=float(args.guidance)))
+  cfg_batch = 2 * B if args.guidance != 1.0 else B
+  tokens = fl.tokens(cfg, *shape[:3])
+  analytic = args.steps * fl.forward_flops(cfg, cfg_batch, tokens, tokens, L)
+  jobs = [("ode_pairs_solve", fn, (abstract_params, ints(), ints(B), context, context), analytic)]
   return _compile_jobs(jobs, mesh, target, only, log)
 
 

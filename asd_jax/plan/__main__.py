@@ -1,8 +1,10 @@
 """python -m asd_jax.plan --config=configs/NAME.py[:ARG] --target=TARGET [--config.FIELD=VALUE ...]
     [--json=FILE] [--sample [--num_frames=81 --height=480 --width=832 --steps=4 ...]]
+    [--ode_pairs [--ode_steps=48 --ode_batch_size=1 --ode_dtype=bfloat16 ...]]
 
 Compiles every program of the config's training stage (or, with --sample, the chunk sampler of its
-student and the streaming VAE decode of one chunk, at the sample CLI's flags) for TARGET, which
+student and the streaming VAE decode of one chunk, at the sample CLI's flags; with --ode_pairs, the
+ODE-pair builder's teacher solve at its flags, prefixed ode_) for TARGET, which
 need not be attached: a TPU slice (v5p-8, v6e-1, v5e-1, ...) or a GPU host (h100x8, h100x1, ...).
 Prints a table of per-device memory against the device's; exit status 0 when every program fits, 3
 when one does not, 2 on bad input (nothing is compiled then).
@@ -34,12 +36,24 @@ for _name in _SAMPLE_INTS:
 flags.DEFINE_string("first_chunk_timesteps", None, "--sample: the sample CLI's flag")
 flags.DEFINE_string("later_chunk_timesteps", None, "--sample: the sample CLI's flag")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "--sample: the sample CLI's --dtype")
+# The ODE-pair builder's flags (`python -m asd_jax.data.ode_pairs`), prefixed: --ode_steps=48 ...
+_ODE_PAIRS = flags.DEFINE_bool("ode_pairs", False, "plan the ODE-pair builder's teacher solve "
+                               "(the config's models.teacher) instead")
+_ODE_NAMES = ("frames", "height", "width", "steps", "shift", "guidance", "training_timesteps",
+              "batch_size", "dtype", "param_dtype")
+for _name in _ODE_NAMES:
+  flags.DEFINE_string(f"ode_{_name}", None, f"--ode_pairs: the builder's --{_name}")
 FLAGS = flags.FLAGS
 
 
 def _sample_argv() -> list[str]:
   names = _SAMPLE_INTS + ("first_chunk_timesteps", "later_chunk_timesteps", "dtype")
   return [f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].value is not None]
+
+
+def _ode_argv() -> list[str]:
+  return [f"--{n}={FLAGS['ode_' + n].value}" for n in _ODE_NAMES
+          if FLAGS["ode_" + n].value is not None]
 
 
 def _log(text: str) -> None:
@@ -56,13 +70,19 @@ def main(argv) -> int:
   config = _CONFIG.value
   try:
     target, mesh, world = plan.resolve(config, _TARGET.value, _FRACTION.value)
+    if _SAMPLE.value and _ODE_PAIRS.value:
+      return _error("--sample and --ode_pairs plan different programs; give one of them")
     if _SAMPLE.value:
       plan.sample_request(_sample_argv())  # checks the sample flags before any compile
+    if _ODE_PAIRS.value:
+      plan.ode_pairs_request(_ode_argv())
   except (plan.BadInput, RuntimeError, FileNotFoundError, ValueError) as e:
     return _error(str(e))
   only = tuple(_ONLY.value) if _ONLY.value else None
   try:
-    if _SAMPLE.value:
+    if _ODE_PAIRS.value:
+      entries = plan.plan_ode_pairs(config, target, mesh, _ode_argv(), only=only, log=_log)
+    elif _SAMPLE.value:
       entries = plan.plan_sampler(config, target, mesh, _sample_argv(),
                                   param_dtype=_PARAM_DTYPE.value, only=only, log=_log)
     else:
@@ -74,8 +94,10 @@ def main(argv) -> int:
   for note in plan.NOTES:
     print(f"note: {note}")
   if _JSON.value:
-    extra = {"kind": "sample" if _SAMPLE.value else "train", "stage": config.stage,
+    kind = "ode_pairs" if _ODE_PAIRS.value else "sample" if _SAMPLE.value else "train"
+    extra = {"kind": kind, "stage": config.stage,
              "sample_flags": _sample_argv() if _SAMPLE.value else None,
+             "ode_pairs_flags": _ode_argv() if _ODE_PAIRS.value else None,
              "config_values": config.to_dict()}
     plan.write_json(_JSON.value, plan.report(entries, target, mesh, config_name, extra))
   if any(e.error and not e.error.startswith("out of memory") for e in entries):

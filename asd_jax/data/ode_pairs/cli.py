@@ -20,7 +20,8 @@ from asd_jax.data.ode_pairs.reader import OdePairDataset
 from asd_jax.data.ode_pairs.writer import build_ode_pairs
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+  """The builder's flags (the planner's `--ode_pairs` reads its settings through them too)."""
   p = argparse.ArgumentParser(prog="python -m asd_jax.data.ode_pairs",
                               description="Generate teacher ODE pairs for the ODE initialisation.")
   p.add_argument("--prompts", required=True, help="prompt dataset (python -m asd_jax.data.build).")
@@ -63,20 +64,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   return cli_lib.run(_main, argv, usage_errors=(ValueError, FileNotFoundError))
 
 
-def _main(argv: Sequence[str]) -> int:
+def check_args(args: argparse.Namespace) -> list[float]:
+  """Checks the solve's settings of parsed flags; returns the training timesteps.
+
+  Raises:
+    cli.UsageError: with what to give instead.
+  """
   from asd_jax import cli as cli_lib  # pylint: disable=g-import-not-at-top
-  args = _parser().parse_args(argv)
   try:
     timesteps = [float(t) for t in args.training_timesteps.replace(" ", "").split(",") if t]
   except ValueError:
     raise cli_lib.UsageError(f"--training_timesteps must be comma-separated numbers, got "
-                         f"{args.training_timesteps!r}.") from None
+                             f"{args.training_timesteps!r}.") from None
   if args.steps < 1:
     raise cli_lib.UsageError(f"--steps must be >= 1, got {args.steps}.")
   if not args.shift > 0 or not np.isfinite(args.shift):
     raise cli_lib.UsageError(f"--shift must be a finite number > 0, got {args.shift}.")
   if not args.guidance >= 0 or not np.isfinite(args.guidance):
     raise cli_lib.UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}.")
+  return timesteps
+
+
+def _main(argv: Sequence[str]) -> int:
+  from asd_jax import cli as cli_lib  # pylint: disable=g-import-not-at-top
+  args = parser().parse_args(argv)
+  timesteps = check_args(args)
   from asd_jax.io import atomic  # pylint: disable=g-import-not-at-top
   for flag in ("prompts", "teacher"):
     try:

@@ -123,8 +123,9 @@ def example_noise(seed: int | jax.Array, example_indices: Any,
 
 @functools.partial(jax.jit, static_argnames=("module", "latent_shape", "grid", "indices",
                                              "guidance_scale"))
-def _pairs(params, seed, example_indices, context, neg_context, *, module, latent_shape, grid,
-           indices, guidance_scale):
+def solve_pairs(params, seed, example_indices, context, neg_context, *, module, latent_shape,
+                grid, indices, guidance_scale):
+  """`generate_pairs`' jitted program (the planner compiles it as the builder runs it)."""
   noise = example_noise(seed, example_indices, latent_shape)
   clean, traj = euler_sample(module, params, noise, context, neg_context, timesteps=grid,
                              guidance_scale=guidance_scale, return_trajectory=True)
@@ -150,7 +151,7 @@ def generate_pairs(module: Any, params: Any, example_indices: Any, context: Any,
     `euler_sample(..., timesteps=timesteps.grid, return_trajectory=True)` at `timesteps.indices`,
     and its end.
   """
-  return _pairs(params, jnp.int32(check_seed(seed)), jnp.asarray(example_indices, jnp.int32),
+  return solve_pairs(params, jnp.int32(check_seed(seed)), jnp.asarray(example_indices, jnp.int32),
                 jnp.asarray(context), jnp.asarray(neg_context), module=module,
                 latent_shape=tuple(int(s) for s in latent_shape), grid=tuple(timesteps.grid),
                 indices=tuple(timesteps.indices), guidance_scale=float(guidance_scale))
