@@ -54,6 +54,8 @@ class Target:
     hbm_bandwidth_per_device: bytes/s, from the vendor's data sheet.
     topology: what the compiler is given: libtpu's topology name ("v5p:2x2x1") or the CUDA plugin's
       "<slices>x<hosts per slice>x<devices per host>".
+    interconnect_bandwidth_per_device: bytes/s between devices, both directions together, all
+      links of a device (TPU ICI, NVLink within a host), from the data sheet (`_INTERCONNECT`).
   """
   name: str
   platform: str
@@ -63,6 +65,7 @@ class Target:
   peak_bf16_flops_per_device: float
   hbm_bandwidth_per_device: float
   topology: str
+  interconnect_bandwidth_per_device: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------- TPU
@@ -111,6 +114,16 @@ def _tpu_topology_kwargs(kind: _TpuKind, grid: tuple[int, ...]) -> dict[str, Any
   # v5e/v6e: slices of up to 8 chips are one host; larger ones are hosts of 2x2 chips.
   per_host = (grid[0], grid[1], 1) if chips <= 8 else (2, 2, 1)
   return dict(chips_per_host_bounds=per_host)
+
+
+# Bidirectional inter-device bandwidth per device, bytes/s (all links, both directions together).
+# TPU: "Bidirectional inter-chip interconnect (ICI) bandwidth per chip" in Cloud TPU's system
+# architecture pages (v5p 1200 GB/s, v5e 400 GB/s, v6e 800 GB/s); v4's page gives none: six ICI
+# links of 45 GB/s each way (the JAX scaling book's TPU table). GPU: NVIDIA's data sheets, NVLink
+# within one host (H100/H200 SXM 900 GB/s, A100 SXM 600 GB/s, B200 1.8 TB/s); between hosts of a
+# multi-host target the network (InfiniBand, ~50 GB/s a GPU) is far slower and not modelled.
+_INTERCONNECT = {"v4": 540e9, "v5p": 1200e9, "v5e": 400e9, "v6e": 800e9,
+                 "h100": 900e9, "h200": 900e9, "a100-80": 600e9, "b200": 1800e9}
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -236,7 +249,8 @@ def parse(name: str) -> Target:
     return Target(name=name, platform="tpu", device_kind=kind.device_kind, num_devices=chips,
                   hbm_bytes_per_device=kind.usable_hbm, peak_bf16_flops_per_device=kind.peak_bf16,
                   hbm_bandwidth_per_device=kind.bandwidth,
-                  topology=f"{kind.libtpu_name}:{'x'.join(map(str, grid))}")
+                  topology=f"{kind.libtpu_name}:{'x'.join(map(str, grid))}",
+                  interconnect_bandwidth_per_device=_INTERCONNECT[m.group(1)])
   m = re.fullmatch(r"(h100|h200|a100-80|b200)x(\d+)", name)
   if m:
     facts = _GPUS[m.group(1)]
@@ -247,7 +261,8 @@ def parse(name: str) -> Target:
     return Target(name=name, platform="gpu", device_kind=facts.description, num_devices=count,
                   hbm_bytes_per_device=facts.memory_bytes,
                   peak_bf16_flops_per_device=facts.peak_bf16,
-                  hbm_bandwidth_per_device=facts.bandwidth, topology=f"1x{hosts}x{per_host}")
+                  hbm_bandwidth_per_device=facts.bandwidth, topology=f"1x{hosts}x{per_host}",
+                  interconnect_bandwidth_per_device=_INTERCONNECT[m.group(1)])
   raise _unknown(name, "no such name")
 
 

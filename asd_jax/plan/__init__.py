@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from asd_jax import targets
+from asd_jax.plan import breakdown as bd
 from asd_jax.plan import flops as fl
 
 GB = 1e9
@@ -46,6 +47,14 @@ NOTES = (
     "index; see asd_jax/plan/flops.py.",
     "GPU: jax preallocates 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says "
     "otherwise; the verdict is against the whole memory the driver reports.",
+    "Where the time goes: a roofline model of the optimized HLO (asd_jax/plan/breakdown.py), not "
+    "a measurement: every loop body times its trip count (one whose count is not static is "
+    "counted once and named), matmul FLOPs at the bf16 peak, bytes in and out of each top-level "
+    "op at the HBM bandwidth (an approximation), collectives at the data sheet's interconnect "
+    "bandwidth, the attention kernels XLA cannot see from their analytic FLOPs at an assumed "
+    f"{bd.DEFAULT_KERNEL_EFFICIENCY:.0%} of peak; the parts are summed (no overlap). Compiled/"
+    "analytic FLOPs = (matmul FLOPs x devices + kernel attention) / analytic: remat "
+    "recomputation, replicated work and FLOPs outside the analytic convention show above 1.",
 )
 
 
@@ -67,6 +76,7 @@ class Entry:
   compile_seconds: float = 0.0
   error: str | None = None  # the compiler's refusal (out of memory) or another failure
   error_detail: str | None = None  # its whole message
+  breakdown: dict[str, Any] | None = None  # where the time would go (`bd.Breakdown.to_dict`)
 
   @property
   def headroom(self) -> int | None:
@@ -101,8 +111,10 @@ def argument_bytes(args: Sequence[Any]) -> int:
 
 
 def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: targets.Target,
-                    analytic_flops: float | None = None) -> Entry:
-  """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory."""
+                    analytic_flops: float | None = None,
+                    kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> Entry:
+  """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory; adds
+  where its time would go (`asd_jax.plan.breakdown`, attention kernels at `kernel_efficiency`)."""
   t0 = time.perf_counter()
   entry = Entry(name=name, fits=False, hbm=target.hbm_bytes_per_device,
                 analytic_flops=analytic_flops)
@@ -137,6 +149,13 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: 
   if entry.xla_flops and entry.xla_seconds:
     peak = target.peak_bf16_flops_per_device
     entry.xla_share_of_peak = entry.xla_flops / entry.xla_seconds / peak
+  try:
+    entry.breakdown = bd.breakdown(compiled, target, analytic_flops,
+                                   getattr(analytic_flops, "attention", None),
+                                   kernel_efficiency=kernel_efficiency,
+                                   xla_seconds=entry.xla_seconds).to_dict()
+  except Exception as e:  # pylint: disable=broad-except  (a model never costs the memory verdict)
+    entry.breakdown = {"error": f"{type(e).__name__}: {e}"[:400]}
   return entry
 
 
@@ -409,6 +428,10 @@ def table(entries: Sequence[Entry], target: targets.Target) -> str:
            f"{target.hbm_bytes_per_device / GB:.2f} GB per device", fmt.format(*head)]
   lines += [fmt.format(*r) for r in rows]
   lines += [f"  {e.name}: {e.error}" for e in entries if e.error]
+  done = [e for e in entries if e.breakdown]
+  if done:
+    lines.append("where the time would go, per device (a roofline model, not a measurement):")
+    lines += [l for e in done for l in bd.lines(e.name, e.breakdown)]
   return "\n".join(lines)
 
 

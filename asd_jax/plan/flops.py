@@ -11,6 +11,10 @@ waste, as is padding to a kernel's block and computing masked blocks).
 
 Training steps draw their exit index at random: the figures are expectations over that draw (the
 rollout's exit index e uniform in 0..N-1, the discriminator's n uniform in 1..N-1).
+
+Every count is a `Flops`: a float that carries its attention part (`.attention`: the scores and
+values of self- and cross-attention, 4*T*S*D and 4*T*L*D a block), the work a flash kernel does
+where XLA cannot see it (`asd_jax.plan.breakdown`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,48 @@ from __future__ import annotations
 from typing import Sequence
 
 from asd_jax.models import wan
+
+
+class Flops(float):
+  """A FLOP count (a float) with its attention part, `.attention`, kept through sums and scaling
+  by numbers (so every count below composes both at once)."""
+
+  def __new__(cls, total: float, attention: float = 0.0):
+    self = super().__new__(cls, total)
+    self.attention = float(attention)
+    return self
+
+  def __reduce__(self):
+    return (Flops, (float(self), self.attention))
+
+  def __add__(self, other):
+    if isinstance(other, (int, float)):
+      return Flops(float(self) + float(other), self.attention + getattr(other, "attention", 0.0))
+    return NotImplemented
+
+  __radd__ = __add__
+
+  def __sub__(self, other):
+    if isinstance(other, (int, float)):
+      return Flops(float(self) - float(other), self.attention - getattr(other, "attention", 0.0))
+    return NotImplemented
+
+  def __rsub__(self, other):
+    if isinstance(other, (int, float)):
+      return Flops(float(other) - float(self), getattr(other, "attention", 0.0) - self.attention)
+    return NotImplemented
+
+  def __mul__(self, other):
+    if isinstance(other, (int, float)) and not isinstance(other, Flops):
+      return Flops(float(self) * other, self.attention * other)
+    return NotImplemented
+
+  __rmul__ = __mul__
+
+  def __truediv__(self, other):
+    if isinstance(other, (int, float)) and not isinstance(other, Flops):
+      return Flops(float(self) / other, self.attention / other)
+    return NotImplemented
 
 
 def tokens(cfg: wan.WanConfig, frames: int, height: int, width: int) -> int:
@@ -33,25 +79,27 @@ def forward_flops(cfg: wan.WanConfig, batch: int, tokens: int, keys: float, text
   cached chunk reads them from the cache) and the cross-attention itself.
   """
   D, F, L = cfg.dim, cfg.ffn_dim, text_len
+  attention = 4 * tokens * keys * D + 4 * tokens * L * D
   per_block = (8 * tokens * D * D + 4 * tokens * D * D + 4 * L * D * D + 4 * tokens * D * F +
-               4 * tokens * keys * D + 4 * tokens * L * D)
+               attention)
   embed = (2 * L * (cfg.text_dim * D + D * D) + 2 * tokens * cfg.in_channels * cfg.patch_volume * D
            + 2 * tokens * D * cfg.out_channels * cfg.patch_volume)
-  return float(batch * (cfg.num_layers * per_block + embed))
+  return Flops(batch * (cfg.num_layers * per_block + embed),
+               attention=batch * cfg.num_layers * attention)
 
 
 def cached_chunk_flops(cfg: wan.WanConfig, batch: int, tokens: int, cache_tokens: float,
                        text_len: int) -> float:
   """One `forward_chunk`: the chunk's tokens against `cache_tokens` filled keys (its own included)
   and the cached text K/V of `text_len` tokens."""
-  return (forward_flops(cfg, batch, tokens, cache_tokens, 0) +
-          batch * cfg.num_layers * 4 * tokens * text_len * cfg.dim)
+  cross = batch * cfg.num_layers * 4 * tokens * text_len * cfg.dim
+  return forward_flops(cfg, batch, tokens, cache_tokens, 0) + Flops(cross, attention=cross)
 
 
 def text_cache_flops(cfg: wan.WanConfig, batch: int, text_len: int) -> float:
   """`init_cache`: the text embedding and every block's cross-attention K/V."""
   D, L = cfg.dim, text_len
-  return float(batch * (2 * L * (cfg.text_dim * D + D * D) + cfg.num_layers * 4 * L * D * D))
+  return Flops(batch * (2 * L * (cfg.text_dim * D + D * D) + cfg.num_layers * 4 * L * D * D))
 
 
 def generation_flops(cfg: wan.WanConfig, batch: int, latent: Sequence[int], chunk_frames: int,
