@@ -60,6 +60,19 @@ def test_a_scan_of_n_matmuls_counts_n_times(target):
     assert targets.compile_stats(compiled)["flops"] < 2 * (2 * M * K * K)
 
 
+def test_memory_of_a_scanned_layer_stack_grows_by_one_layer_a_layer():
+  """A scan body reads one layer of the stacked weights: bytes grow linearly with the layers
+  (reading the whole stack each iteration would grow them quadratically)."""
+  def walk(layers):
+    return _walk(_matmuls, [jax.ShapeDtypeStruct((M, K), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((layers, K, K), jnp.bfloat16)], "v5p-8")[0]
+  small, large = walk(5), walk(50)
+  per_layer = (large.memory_bytes - small.memory_bytes) / 45
+  hand = 2 * (M * K + K * K + M * K)  # the matmul's h, one layer's weights, its output (bf16)
+  assert hand <= per_layer < 2 * hand
+  assert small.memory_bytes < 5 * per_layer + 2 * hand  # what is outside the loop is small
+
+
 def test_nested_loops_compose_and_a_dynamic_loop_is_counted_once():
   outer, inner = 3, 4
 
@@ -161,3 +174,17 @@ def test_plan_on_v5p_8_carries_the_breakdown_and_remat_shows_in_the_flop_ratio()
   assert calls(d_full) == 2 * calls(d_none)  # the forward kernels run again in the backward
   text = plan.table(list(entries.values()), target)
   assert "where the time would go" in text and "compiled/analytic FLOPs" in text
+
+
+@pytest.mark.slow  # 6 s more; the TPU test above covers the walker, this the GPU's forms
+def test_gpu_cudnn_attention_and_cublas_matmuls():
+  """On an H100 (jax's CUDA plugin, compile only) attention is a cuDNN custom call and dots are
+  cuBLAS custom calls: the same matmul FLOPs as the TPU program, kernels counted per layer."""
+  if not targets.has_cuda_plugin():
+    pytest.skip('needs jax\'s CUDA plugin for a deviceless GPU compile: pip install -e ".[aot-gpu]"')
+  b_gpu, cfg, _ = _tiny_forward("h100x1")
+  b_tpu, _, _ = _tiny_forward("v5p-8")
+  assert b_gpu.matmul_flops == b_tpu.matmul_flops > 0
+  (name, call), = b_gpu.custom_calls.items()
+  assert name.startswith("__cudnn$fmha") and call["count"] == 2 * cfg.num_layers
+  assert [l["trip_count"] for l in b_gpu.loops] == [cfg.num_layers]

@@ -68,25 +68,50 @@ def _replica_group_size(instr: Instr, num_devices: int) -> int:
   return num_devices
 
 
-def _fusion_bytes(instr: Instr, caller: Computation, fused: Computation | None) -> float:
+def _read_bytes(comp: Computation, name: str, comps: dict[str, Computation],
+                depth: int = 0) -> float | None:
+  """Bytes of value `name` that `comp` reads when it reads it only through (dynamic-)slices,
+  through bitcasts and nested fusions too; None when something reads it whole."""
+  if name == comp.root:
+    return None  # the computation's result: read whole by whatever takes it
+  total = 0.0
+  for user in comp.users().get(name, []):
+    if user.opcode in ("dynamic-slice", "slice") and user.operands[0] == name:
+      total += shape_bytes(user.shape)
+      continue
+    inner = comps.get(user.attr("calls") or "") if user.opcode == "fusion" else None
+    if user.opcode == "bitcast":
+      part = _read_bytes(comp, user.name, comps, depth + 1)
+    elif inner is not None and depth < 8:
+      params = inner.params()
+      part = 0.0
+      for k in (k for k, o in enumerate(user.operands) if o == name):
+        sub = _read_bytes(inner, params[k].name, comps, depth + 1) if k in params else None
+        part = None if sub is None or part is None else part + sub
+    else:
+      part = None
+    if part is None:
+      return None
+    total += part
+  return total
+
+
+def _fusion_bytes(instr: Instr, caller: Computation, comps: dict[str, Computation]) -> float:
   """Operands + result of a fusion, counting what it really reads and writes: an operand used
-  only through (dynamic-)slices inside counts those slices, an in-place dynamic-update-slice
-  root counts its update instead of the whole buffer it writes into."""
+  only through (dynamic-)slices inside counts those slices (a scanned layer stack's weights: one
+  layer an iteration), an in-place dynamic-update-slice root counts its update instead of the
+  whole buffer it writes into."""
   operand_bytes = [shape_bytes(caller.instrs[o].shape) if o in caller.instrs else 0.0
                    for o in instr.operands]
   result = shape_bytes(instr.shape)
+  fused = comps.get(instr.attr("calls") or "")
   if fused is None:
     return sum(operand_bytes) + result
-  params, users = fused.params(), fused.users()
-  for k, p in params.items():
-    if k >= len(operand_bytes):
-      continue
-    source, uses = p.name, users.get(p.name, [])
-    while len(uses) == 1 and uses[0].opcode == "bitcast":
-      source, uses = uses[0].name, users.get(uses[0].name, [])
-    if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == source
-                    for u in uses):
-      operand_bytes[k] = min(operand_bytes[k], sum(shape_bytes(u.shape) for u in uses))
+  for k, p in fused.params().items():
+    if k < len(operand_bytes):
+      read = _read_bytes(fused, p.name, comps)
+      if read is not None:
+        operand_bytes[k] = min(operand_bytes[k], read)
   root = fused.instrs.get(fused.root or "")
   outs = [fused.instrs.get(o) for o in root.operands] if root and root.opcode == "tuple" else [root]
   for out in outs:
@@ -244,7 +269,7 @@ def walk(text: str, num_devices: int = 1) -> Breakdown:
       if fused or op in _NO_DATA or op.endswith("-done"):
         continue
       if op == "fusion":
-        moved = _fusion_bytes(instr, comp, comps.get(instr.attr("calls") or ""))
+        moved = _fusion_bytes(instr, comp, comps)
         flops = _fused_flops(comps, instr.attr("calls"))
       elif op == "dynamic-update-slice" and len(instr.operands) > 1:
         moved = 2 * shape_bytes(comp.instrs[instr.operands[1]].shape) if (
@@ -342,6 +367,8 @@ def _si(x: float, unit: str) -> str:
 def _time(s: float) -> str:
   if math.isinf(s):
     return "inf s"
+  if s < 1e-3:
+    return f"{s * 1e6:.3g} us"
   return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 

@@ -8,6 +8,7 @@ opcode, operands and its attributes as text (looked up with small regexes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -43,19 +44,31 @@ class Instr:
 
 @dataclasses.dataclass
 class Computation:
+  """One computation: its instructions by name and its root. Read-only once parsed (`params`
+  and `users` are computed once)."""
   name: str
   instrs: dict[str, Instr] = dataclasses.field(default_factory=dict)
   root: str | None = None
 
-  def params(self) -> dict[int, Instr]:
+  @functools.cached_property
+  def _params(self) -> dict[int, Instr]:
     return {int(i.args): i for i in self.instrs.values() if i.opcode == "parameter"}
 
-  def users(self) -> dict[str, list[Instr]]:
+  @functools.cached_property
+  def _users(self) -> dict[str, list[Instr]]:
     out: dict[str, list[Instr]] = {}
     for i in self.instrs.values():
       for o in i.operands:
         out.setdefault(o, []).append(i)
     return out
+
+  def params(self) -> dict[int, Instr]:
+    """Parameter number -> its instruction."""
+    return self._params
+
+  def users(self) -> dict[str, list[Instr]]:
+    """Instruction name -> the instructions that take it as an operand."""
+    return self._users
 
 
 def _scan(text: str, start: int = 0):
@@ -79,12 +92,13 @@ def _scan(text: str, start: int = 0):
     yield k, depth
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
 def _balance(text: str) -> int:
   """Open minus closed brackets of any kind, outside double-quoted strings."""
-  depth = 0
-  for _, depth in _scan(text):
-    pass
-  return depth
+  bare = _QUOTED.sub("", text)
+  return sum(bare.count(c) for c in "({[") - sum(bare.count(c) for c in ")}]")
 
 
 def _closing(text: str, start: int) -> int:
