@@ -96,6 +96,7 @@ def test_exit_3_when_a_program_does_not_fit(tmp_path):
     (["--target=v5p-8", "--config.batch_size=4", "--ode_pairs",
       "--ode_training_timesteps=1000,700"], "grid"),
     (["--target=v5p-8", "--config.batch_size=4", "--ode_pairs", "--sample"], "one of them"),
+    (["--target=v5p-8", "--config.batch_size=4", "--kernel_efficiency=0"], "(0, 1]"),
 ])
 def test_bad_input_exits_2_before_compiling(args, message):
   r = _plan("--config=configs/asd.py:tiny", *args, timeout=120)
@@ -130,13 +131,14 @@ def test_ode_pair_solve(tmp_path):
   flags_ = ["--ode_frames=3", "--ode_height=8", "--ode_width=8", "--ode_steps=8", "--ode_shift=1",
             "--ode_training_timesteps=1000,750", "--ode_batch_size=2"]
   r = _plan("--config=configs/ode_init.py:tiny", "--config.mesh_shape=(1,1,4)", "--target=v5p-8",
-            "--ode_pairs", *flags_, f"--json={out}")
+            "--ode_pairs", *flags_, "--kernel_efficiency=0.25", f"--json={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads(out.read_text())
   assert data["kind"] == "ode_pairs" and data["fits"]
   assert data["ode_pairs_flags"] == [f.replace("--ode_", "--") for f in flags_]
   (p,) = data["programs"]
   assert p["name"] == "ode_pairs_solve" and p["analytic_flops"] > 0 and p["xla_flops"] > 0
+  assert p["breakdown"]["kernel_efficiency"] == 0.25  # the attention kernels' assumed share
   # Outputs: noisy [B, K, F, H, W, C] and clean [B, F, H, W, C] float32 (TPU tiles may pad them).
   logical = 4 * 2 * (2 + 1) * 3 * 8 * 8 * 16
   assert p["memory"]["output"] >= logical

@@ -244,15 +244,17 @@ def training_jobs(config, mesh, world=None):
 
 def plan_training(config, target: targets.Target, mesh, world=None,
                   only: Sequence[str] | None = None,
-                  log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+                  log: Callable[[str], None] = lambda _: None,
+                  kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> list[Entry]:
   """Compiles the state's initialisation and every step the config's stage runs."""
   _, jobs = training_jobs(config, mesh, world)
-  return _compile_jobs(jobs, mesh, target, only, log)
+  return _compile_jobs(jobs, mesh, target, only, log, kernel_efficiency)
 
 
 def _compile_jobs(jobs: Sequence[tuple[str, Callable, Sequence[Any], float | None]], mesh,
                   target: targets.Target, only: Sequence[str] | None,
-                  log: Callable[[str], None]) -> list[Entry]:
+                  log: Callable[[str], None],
+                  kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> list[Entry]:
   """Compiles each (name, fn, args, analytic FLOPs) job, or only those named in `only`."""
   _check_only(only, [j[0] for j in jobs])
   out = []
@@ -260,7 +262,8 @@ def _compile_jobs(jobs: Sequence[tuple[str, Callable, Sequence[Any], float | Non
     if only and name not in only:
       continue
     log(f"compiling {name} ...")
-    out.append(compile_program(name, fn, args, mesh, target, flops))
+    out.append(compile_program(name, fn, args, mesh, target, flops,
+                               kernel_efficiency=kernel_efficiency))
     log(f"  {_line(out[-1])}")
   return out
 
@@ -280,7 +283,8 @@ def sample_request(argv: Sequence[str] = ()):
 
 def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str] = (),
                  param_dtype: str = "float32", only: Sequence[str] | None = None,
-                 log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+                 log: Callable[[str], None] = lambda _: None,
+                 kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> list[Entry]:
   """Compiles the chunk sampler of the config's student and the streaming decode of one chunk.
 
   The generator is the student's architecture as `python -m asd_jax.sample` loads it (compute
@@ -328,7 +332,7 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   jobs = [("sampler", sampler, sampler_args, analytic),
           ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
           ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
-  return _compile_jobs(jobs, mesh, target, only, log)
+  return _compile_jobs(jobs, mesh, target, only, log, kernel_efficiency)
 
 
 def ode_pairs_request(argv: Sequence[str] = ()):
@@ -358,7 +362,8 @@ def ode_pairs_request(argv: Sequence[str] = ()):
 
 def plan_ode_pairs(config, target: targets.Target, mesh, ode_argv: Sequence[str] = (),
                    only: Sequence[str] | None = None,
-                   log: Callable[[str], None] = lambda _: None) -> list[Entry]:
+                   log: Callable[[str], None] = lambda _: None,
+                   kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> list[Entry]:
   """Compiles the ODE-pair builder's teacher solve (48 Euler steps with CFG, one batch).
 
   The program is the one the builder jits (`trajectories.generate_pairs`), for the config's
@@ -389,7 +394,7 @@ def plan_ode_pairs(config, target: targets.Target, mesh, ode_argv: Sequence[str]
   tokens = fl.tokens(cfg, *shape[:3])
   analytic = args.steps * fl.forward_flops(cfg, cfg_batch, tokens, tokens, L)
   jobs = [("ode_pairs_solve", fn, (abstract_params, ints(), ints(B), context, context), analytic)]
-  return _compile_jobs(jobs, mesh, target, only, log)
+  return _compile_jobs(jobs, mesh, target, only, log, kernel_efficiency)
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -25,6 +25,10 @@ _ONLY = flags.DEFINE_list("only", None, "compile only these programs (names as i
 _FRACTION = flags.DEFINE_float(
     "memory_fraction", 1.0, "the share of each device's memory a plan may use (e.g. 0.75: jax's "
     "default preallocation on GPUs; below 1 to keep a margin)", lower_bound=0.0, upper_bound=1.0)
+_EFFICIENCY = flags.DEFINE_float(
+    "kernel_efficiency", None, "the share of peak assumed for the attention kernels (splash, "
+    "cuDNN) in the time breakdown, in (0, 1]: XLA cannot see inside them (an assumption, not a "
+    "measurement; default asd_jax.plan.breakdown.DEFAULT_KERNEL_EFFICIENCY)")
 _PARAM_DTYPE = flags.DEFINE_enum("sample_param_dtype", "float32", ["float32", "bfloat16"],
                                  "--sample: the stored dtype of the generator's and VAE's params "
                                  "(the sample CLI's --param_dtype)")
@@ -79,14 +83,22 @@ def main(argv) -> int:
   except (plan.BadInput, RuntimeError, FileNotFoundError, ValueError) as e:
     return _error(str(e))
   only = tuple(_ONLY.value) if _ONLY.value else None
+  efficiency = {}
+  if _EFFICIENCY.value is not None:
+    if not 0 < _EFFICIENCY.value <= 1:
+      return _error(f"--kernel_efficiency must be in (0, 1], got {_EFFICIENCY.value}")
+    efficiency = {"kernel_efficiency": _EFFICIENCY.value}
   try:
     if _ODE_PAIRS.value:
-      entries = plan.plan_ode_pairs(config, target, mesh, _ode_argv(), only=only, log=_log)
+      entries = plan.plan_ode_pairs(config, target, mesh, _ode_argv(), only=only, log=_log,
+                                    **efficiency)
     elif _SAMPLE.value:
       entries = plan.plan_sampler(config, target, mesh, _sample_argv(),
-                                  param_dtype=_PARAM_DTYPE.value, only=only, log=_log)
+                                  param_dtype=_PARAM_DTYPE.value, only=only, log=_log,
+                                  **efficiency)
     else:
-      entries = plan.plan_training(config, target, mesh, world, only=only, log=_log)
+      entries = plan.plan_training(config, target, mesh, world, only=only, log=_log,
+                                   **efficiency)
   except plan.BadInput as e:  # raised before the first compile
     return _error(str(e))
   config_name = FLAGS["config"].serialize().split("=", 1)[-1]
