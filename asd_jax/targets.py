@@ -346,6 +346,23 @@ def devices(target: Target | str) -> list[jax.Device]:
   return list(_devices(name))
 
 
+# libtpu 0.0.52 aborts compiling the ASD generator step over an FSDP mesh on v5p (1,4,1):
+# "fusion_emitter.cc:3281 Check failed: CollapsedBoundIsAdmissible(...) Scaled window bound is not
+# full coverage nor a power of 2 with rectangular placements". Turning off its sublane-major
+# scaling bitcast fusion avoids it (the same step, 2 layers, compiled with this option and
+# aborted without it). The trainer's programs carry it on TPU (`training_compiler_options`), so a
+# real TPU host and a deviceless plan compile them alike.
+TPU_TRAINING_OPTIONS = {"xla_tpu_enable_sublane_major_scaling_bitcast_fusion": "false"}
+
+
+def training_compiler_options(mesh_devices: Any) -> dict[str, Any] | None:
+  """XLA options the trainer's jitted programs carry (`jax.jit(..., compiler_options=...)`) on
+  the platform of `mesh_devices` (a Mesh's `devices` array or a list): TPU_TRAINING_OPTIONS on a
+  TPU, None elsewhere."""
+  first = next(iter(getattr(mesh_devices, "flat", mesh_devices)))
+  return dict(TPU_TRAINING_OPTIONS) if first.platform == "tpu" else None
+
+
 def compiler_options(target: Target | str) -> dict[str, Any]:
   """XLA options for compiling for `target` without it: `lowered.compile(compiler_options=...)`.
 

@@ -152,3 +152,26 @@ def test_ode_pair_solve(tmp_path):
   cfg = wan_config(c.models.teacher, "bfloat16", "none").replace(param_dtype="float32")
   param_bytes = sum(np.prod(a.shape) * 4 for a in jax.tree.leaves(wan.abstract_params(cfg)))
   assert p["memory"]["argument"] >= param_bytes + 2 * 4 * 2 * c.data.text_len * cfg.text_dim
+
+
+def test_training_programs_carry_the_tpu_options_on_tpu_only():
+  assert targets.training_compiler_options(targets.devices("v5p-8")) == \
+      targets.TPU_TRAINING_OPTIONS
+  assert targets.training_compiler_options(jax.devices("cpu")) is None
+
+
+@pytest.mark.slow
+def test_fsdp_generator_step_at_the_real_width_compiles_for_v5p():
+  """libtpu 0.0.52 aborted the whole process on this program (2 layers of the real widths at
+  832x480x81 under the config's FSDP mesh) until the trainer's programs carried
+  TPU_TRAINING_OPTIONS; about 5 minutes to compile on two cores."""
+  import run_configs  # pylint: disable=g-import-not-at-top
+  from asd_jax import plan  # pylint: disable=g-import-not-at-top
+  c = run_configs.config("asd", arg=None)
+  for name in ("student", "critic", "teacher"):
+    c.models[name].num_layers = 2
+  c.asd.taps = (0, 1)
+  target, mesh, world = plan.resolve(c, "v5p-8")
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+  (entry,) = plan.plan_training(c, target, mesh, world, only=["generator"])
+  assert entry.error is None and entry.fits, entry.error_detail

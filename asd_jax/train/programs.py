@@ -25,6 +25,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asd_jax import targets
 from asd_jax.diffusion import warp_timesteps
 from asd_jax.models import disc, wan
 from asd_jax.train import sharding as shd
@@ -185,6 +186,7 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
   batch = _abstract_batch(c, student_cfg, latent, len(timesteps), world, batch_shard)
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   steps, args = {}, {}
+  options = targets.training_compiler_options(mesh.devices)
   for name, count in zip(STEP_NAMES, ratio):
     if not count:
       continue
@@ -195,16 +197,16 @@ def build_programs(config: ml_collections.ConfigDict, mesh: Mesh,
     extra = () if name == "generator" else (replicated,)
     steps[name] = jax.jit(step, in_shardings=(teacher_shardings, state_shardings, batch_shard)
                           + extra, out_shardings=(state_shardings, replicated), donate_argnums=1,
-                          keep_unused=True)
+                          keep_unused=True, compiler_options=options)
     args[name] = (teacher_abstract, state, batch) + (() if name == "generator" else (index,))
-  init = jax.jit(make_state, out_shardings=state_shardings)
+  init = jax.jit(make_state, out_shardings=state_shardings, compiler_options=options)
   disc_auc, auc_rows = None, 0
   if use_heads:  # one microbatch of the pool a call: the activations a training step holds
     auc_rows = c.batch_size // accum
     disc_auc = jax.jit(lambda teacher_params, state, batch, chunk: make(teacher_params)[
         "disc_auc"](state, batch, chunk), in_shardings=(teacher_shardings, state_shardings,
                                                         batch_shard, replicated),
-        out_shardings=replicated)
+        out_shardings=replicated, compiler_options=options)
   args["init"] = (jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
                   *(_with_shardings(a, s) for a, s in zip(nets, net_shardings)))
   return Programs(mesh=mesh, rules=rules, student_cfg=student_cfg, critic_cfg=critic_cfg,
