@@ -203,7 +203,7 @@ def test_toy_config_budgets():
           quick.ode.pool, quick.pipeline.distill.total_steps) == (600, 150, 256, 100)
   assert (abl.pipeline.teacher_net.total_steps, abl.pipeline.ode_init.total_steps, abl.ode.pool,
           abl.pipeline.distill.total_steps, abl.ema.start, abl.pipeline.eval_samples) == (
-              600, 200, 0, 300, 100, 128)
+              600, 200, 0, 100, 100, 64)
   smoke = toy_config("ablation,quick")
   assert smoke.pipeline.teacher == "analytic" and smoke.pipeline.distill.total_steps == 5
   with pytest.raises(ValueError, match="unknown config argument"):

@@ -6,9 +6,10 @@ Arguments (comma-separated):
   evaluation samples per class): a demonstration of the pipeline, not a measurement;
 - `analytic`: the exact velocity as the teacher of DMD and the ODE pairs (the pretrained net still
   initialises the student and the critic);
-- `ablation`: `analytic` with the longer budgets `python -m asd_jax.toy.ablation` measures with
-  (teacher net 600 steps, ODE initialisation 200 steps on fresh pairs every step, 300 updates,
-  128 evaluation samples per class; docs/toy_results.md states what its runs used);
+- `ablation`: `analytic` with the budgets `python -m asd_jax.toy.ablation` measures with
+  (teacher net 600 steps, ODE initialisation 200 steps on fresh pairs every step, 100 updates,
+  64 evaluation samples per class: the whole ablation within 2 hours on 2 CPU cores;
+  docs/toy_results.md gives the measured time);
 - `quick`: a few steps of each stage, a smoke run of a minute.
 
 Toy-specific choices (the paper's values stay the defaults of every other config):
@@ -95,9 +96,11 @@ def get_config(arg=None):
     c.pipeline.teacher_net.total_steps = 600
     c.pipeline.ode_init.total_steps = 200
     c.ode.pool = 0
-    c.pipeline.distill.total_steps = 300
-    c.ema.start = 100
-    c.pipeline.eval_samples = 128
+    # 100 updates and 64 samples a class: the whole ablation (teacher net, ODE initialisation, 4
+    # seeds x 4 arms, evaluation) within 2 hours on 2 CPU cores (docs/toy_results.md: measured).
+    c.pipeline.distill.total_steps = 100
+    c.ema.start = 100  # the evaluated generator is the last one (no EMA at this budget)
+    c.pipeline.eval_samples = 64
   for token in tokens:
     if token == "ablation":
       pass
