@@ -62,6 +62,14 @@ def test_sampler(tmp_path):
   data = json.loads(out.read_text())
   assert [p["name"] for p in data["programs"]] == ["sampler"]
   assert data["programs"][0]["analytic_flops"] > 0 and data["programs"][0]["xla_flops"] > 0
+  # The VAE's params stay on the device while the sampler runs: counted in the verdict.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from asd_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  vae_bytes = sum(np.prod(a.shape) * a.dtype.itemsize
+                  for a in jax.tree.leaves(vae_lib.abstract_params(vae_lib.VAEConfig())))
+  p = data["programs"][0]
+  assert p["resident"] == vae_bytes > 0
+  assert p["headroom"] == p["hbm"] - p["memory"]["total"] - vae_bytes
   assert data["sample_flags"] == ["--num_frames=21", "--height=32", "--width=32",
                                   "--dtype=float32"]
 

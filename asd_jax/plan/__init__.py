@@ -45,6 +45,9 @@ NOTES = (
     "Analytic FLOPs: matmul FLOPs of every DiT forward the program must run (2 per multiply-add, "
     "backward = 2x forward, no remat); training steps are expectations over their random exit "
     "index; see asd_jax/plan/flops.py.",
+    "other GB: buffers the running command holds on the device besides the program's own (the "
+    "sampler: the VAE's params; the VAE decode: the DiT's params and the video's latents); the "
+    "verdict and the headroom count them.",
     "GPU: jax preallocates 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says "
     "otherwise; the verdict is against the whole memory the driver reports.",
     "Where the time goes: a roofline model of the optimized HLO (asd_jax/plan/breakdown.py), not "
@@ -76,11 +79,14 @@ class Entry:
   compile_seconds: float = 0.0
   error: str | None = None  # the compiler's refusal (out of memory) or another failure
   error_detail: str | None = None  # its whole message
+  # Bytes other buffers hold on each device while the program runs (e.g. the DiT's params during
+  # the VAE decode): counted against the device's memory with the program's own total.
+  resident: int = 0
   breakdown: dict[str, Any] | None = None  # where the time would go (`bd.Breakdown.to_dict`)
 
   @property
   def headroom(self) -> int | None:
-    return self.hbm - self.memory["total"] if self.memory else None
+    return self.hbm - self.memory["total"] - self.resident if self.memory else None
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -112,12 +118,14 @@ def argument_bytes(args: Sequence[Any]) -> int:
 
 def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: targets.Target,
                     analytic_flops: float | None = None,
-                    kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> Entry:
-  """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory; adds
-  where its time would go (`asd_jax.plan.breakdown`, attention kernels at `kernel_efficiency`)."""
+                    kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY,
+                    resident: int = 0) -> Entry:
+  """Lowers and compiles `fn(*args)` under `mesh` (abstract args) and judges its memory, with
+  `resident` bytes held on each device by other buffers meanwhile; adds where its time would go
+  (`asd_jax.plan.breakdown`, attention kernels at `kernel_efficiency`)."""
   t0 = time.perf_counter()
   entry = Entry(name=name, fits=False, hbm=target.hbm_bytes_per_device,
-                analytic_flops=analytic_flops)
+                analytic_flops=analytic_flops, resident=int(resident))
   try:
     with jax.set_mesh(mesh):
       compiled = fn.lower(*args).compile(compiler_options=targets.compiler_options(target))
@@ -142,7 +150,7 @@ def compile_program(name: str, fn: Callable, args: Sequence[Any], mesh, target: 
   stats = targets.compile_stats(compiled)
   entry.memory = {k: int(stats[k]) for k in ("argument", "output", "alias", "temp", "total",
                                              "generated_code")}
-  entry.fits = entry.memory["total"] <= entry.hbm
+  entry.fits = entry.memory["total"] + entry.resident <= entry.hbm
   entry.xla_flops, entry.xla_seconds = stats.get("flops"), stats.get("optimal_seconds")
   if entry.xla_seconds is not None and entry.xla_seconds <= 0:
     entry.xla_seconds = None  # no estimate (XLA reports a negative time for some programs)
@@ -255,15 +263,17 @@ def _compile_jobs(jobs: Sequence[tuple[str, Callable, Sequence[Any], float | Non
                   target: targets.Target, only: Sequence[str] | None,
                   log: Callable[[str], None],
                   kernel_efficiency: float = bd.DEFAULT_KERNEL_EFFICIENCY) -> list[Entry]:
-  """Compiles each (name, fn, args, analytic FLOPs) job, or only those named in `only`."""
+  """Compiles each (name, fn, args, analytic FLOPs[, resident bytes]) job, or only those named in
+  `only`."""
   _check_only(only, [j[0] for j in jobs])
   out = []
-  for name, fn, args, flops in jobs:
+  for name, fn, args, flops, *resident in jobs:
     if only and name not in only:
       continue
     log(f"compiling {name} ...")
     out.append(compile_program(name, fn, args, mesh, target, flops,
-                               kernel_efficiency=kernel_efficiency))
+                               kernel_efficiency=kernel_efficiency,
+                               resident=resident[0] if resident else 0))
     log(f"  {_line(out[-1])}")
   return out
 
@@ -329,9 +339,14 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
   later_state = jax.eval_shape(lambda p, s, z: vae.apply({"params": p}, s, z,
                                                          method="decode_chunk")[1],
                                vae_params, state0, chunk)
-  jobs = [("sampler", sampler, sampler_args, analytic),
-          ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None),
-          ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None)]
+  # What the sample CLI holds meanwhile (it frees the text encoder before sampling): the VAE's
+  # params while the sampler runs; the DiT's params and the whole video's latents while it decodes.
+  during_decode = argument_bytes((sampler_args[0], sampler_args[2]))
+  jobs = [("sampler", sampler, sampler_args, analytic, argument_bytes(vae_params)),
+          ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None,
+           during_decode),
+          ("vae_decode_chunk", decoder, (vae_params, abstract(later_state), chunk), None,
+           during_decode)]
   return _compile_jobs(jobs, mesh, target, only, log, kernel_efficiency)
 
 
@@ -414,7 +429,8 @@ def _line(e: Entry) -> str:
 
 def table(entries: Sequence[Entry], target: targets.Target) -> str:
   """A fixed-width table of the entries (GB = 1e9 bytes, per device)."""
-  head = ("program", "arg GB", "out GB", "alias GB", "temp GB", "total GB", "headroom", "verdict",
+  head = ("program", "arg GB", "out GB", "alias GB", "temp GB", "total GB", "other GB", "headroom",
+          "verdict",
           "analytic TF", "XLA TF/dev", "XLA s", "XLA %peak")
   rows = []
   for e in entries:
@@ -422,13 +438,14 @@ def table(entries: Sequence[Entry], target: targets.Target) -> str:
     verdict = ("fits" if e.fits else "DOES NOT FIT" if e.error is None or
                e.error.startswith("out of memory") else "ERROR")
     rows.append((e.name, _gb(m.get("argument")), _gb(m.get("output")), _gb(m.get("alias")),
-                 _gb(m.get("temp")), _gb(m.get("total")), _gb(e.headroom), verdict,
+                 _gb(m.get("temp")), _gb(m.get("total")), _gb(e.resident) if e.resident else "-",
+                 _gb(e.headroom), verdict,
                  "-" if e.analytic_flops is None else f"{e.analytic_flops / 1e12:.1f}",
                  "-" if e.xla_flops is None else f"{e.xla_flops / 1e12:.1f}",
                  "-" if e.xla_seconds is None else f"{e.xla_seconds:.3g}",
                  "-" if e.xla_share_of_peak is None else f"{100 * e.xla_share_of_peak:.0f}%"))
   widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-  fmt = "  ".join(f"{{:<{w}}}" if i == 0 or i == 7 else f"{{:>{w}}}" for i, w in enumerate(widths))
+  fmt = "  ".join(f"{{:<{w}}}" if i in (0, 8) else f"{{:>{w}}}" for i, w in enumerate(widths))
   lines = [f"target {target.name}: {target.num_devices} x {target.device_kind}, "
            f"{target.hbm_bytes_per_device / GB:.2f} GB per device", fmt.format(*head)]
   lines += [fmt.format(*r) for r in rows]
