@@ -64,6 +64,7 @@ def _check_target(data, programs):
   return got
 
 
+@pytest.mark.slow  # suite budget; test_sampler_for_a_tpu runs the --target path
 @needs_libtpu
 def test_train_step_locally_and_for_a_tpu_the_same_programs(tmp_path):
   out = tmp_path / "local.json"

@@ -29,7 +29,7 @@ def _inputs(cfg, seed=3):
           jax.random.normal(k3, (B, F, H, W, cfg.in_channels)))
 
 
-@pytest.mark.parametrize("exit_index", [0, 2, 3])
+@pytest.mark.parametrize("exit_index", [0, 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_rollout_values_are_an_exit_plus_one_step_generation(tiny, exit_index):
   module, params = tiny
   ctx, _, noise = _inputs(module.config)

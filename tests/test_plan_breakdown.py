@@ -148,6 +148,7 @@ def test_splash_kernels_counted_per_layer_and_their_flops_are_the_analytic_atten
   assert est.seconds["attention kernels"] == pytest.approx(analytic.attention / (0.25 * peak))
 
 
+@pytest.mark.slow  # suite budget (two compiles); test_plan.py::test_ode_pair_solve checks the plan carries the breakdown
 def test_plan_on_v5p_8_carries_the_breakdown_and_remat_shows_in_the_flop_ratio():
   """ODE regression (one block-causal forward and backward): full remat recomputes every block's
   forward, so the compiled/analytic ratio rises by exactly the blocks' non-attention forward

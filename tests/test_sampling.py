@@ -61,7 +61,7 @@ def reference(module, params, ctx, noise, first, later, rng, cache_frames=None, 
 
 @pytest.mark.parametrize("later,frames,cache_frames,sink", [
     ((1000.0,), 9, None, 0),  # 1* with FFE
-    (SCHED[:2], 9, None, 0),  # 2* prefix
+    pytest.param(SCHED[:2], 9, None, 0, marks=pytest.mark.slow),  # 2* prefix (suite budget)
     ((1000.0, SCHED[2]), 12, None, 0),  # 2* spread
     (SCHED[:2], 15, 9, 3),  # longer than the cache: rolling window with a sink chunk
 ])

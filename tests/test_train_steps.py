@@ -117,6 +117,7 @@ def test_ema_follows_the_generator_until_its_start(sf):
                          s2.generator_ema, expect)
 
 
+@pytest.mark.slow  # suite budget; test_train_infra.py::test_non_finite_guard covers the guard
 def test_non_finite_updates_are_skipped_and_counted(asd):
   steps, state, batch = asd
   bad = {k: v.at[0, 0, 0].set(jnp.nan) for k, v in batch.items()}
