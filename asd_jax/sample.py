@@ -330,14 +330,18 @@ def run(args: argparse.Namespace) -> list[Path]:
 
   sampler = make_sampler(dit, req, cache_frames=args.cache_frames, sink_frames=args.sink_frames,
                          on_chunk=on_chunk)
-  written = []
+  written, host_params = [], None
   for i, (prompt, out) in enumerate(zip(req.prompts, req.outputs)):
     noise, renoise_key = video_noise(jax.random.fold_in(jax.random.key(args.seed), i), shape)
     bar = _progress(n_chunks, f"denoise {i + 1}/{len(req.prompts)}", args.quiet)
     t0 = time.perf_counter()
+    if dit_params is None:  # --offload_dit: back from the host for this prompt
+      dit_params = jax.device_put(host_params)
     latents = jax.block_until_ready(sampler(dit_params, jnp.asarray(context[i:i + 1]), noise,
                                             renoise_key))
     gen_s = time.perf_counter() - t0
+    if args.offload_dit:  # the device copy is freed while the VAE decodes
+      host_params, dit_params = jax.device_get(dit_params), None
     if bar is not None:
       bar.close()
     if args.save_latents:
@@ -389,6 +393,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--param_dtype", default=None, choices=("float32", "bfloat16"),
                  help="store the DiT's and VAE's params in this dtype (default: as converted, "
                       "float32; bfloat16 halves their memory)")
+  p.add_argument("--offload_dit", action="store_true",
+                 help="keep the DiT's params in host memory while the VAE decodes (and move them "
+                      "back for the next prompt): a 16 GB chip then holds the decode at 832x480")
   p.add_argument("--output", default="out.mp4")
   p.add_argument("--save_latents", action="store_true", help="also write OUTPUT.latents.npy")
   p.add_argument("--quiet", action="store_true")

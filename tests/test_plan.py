@@ -57,7 +57,7 @@ SAMPLE = ["--config=configs/asd.py:tiny", "--target=v5e-1", "--sample", "--num_f
 
 def test_sampler(tmp_path):
   out = tmp_path / "sample.json"
-  r = _plan(*SAMPLE, "--only=sampler", f"--json={out}")
+  r = _plan(*SAMPLE, "--only=sampler", "--offload_dit", f"--json={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads(out.read_text())
   assert [p["name"] for p in data["programs"]] == ["sampler"]
@@ -71,7 +71,7 @@ def test_sampler(tmp_path):
   assert p["resident"] == vae_bytes > 0
   assert p["headroom"] == p["hbm"] - p["memory"]["total"] - vae_bytes
   assert data["sample_flags"] == ["--num_frames=21", "--height=32", "--width=32",
-                                  "--dtype=float32"]
+                                  "--dtype=float32", "--offload_dit"]
 
 
 @pytest.mark.slow

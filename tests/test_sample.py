@@ -48,6 +48,26 @@ def test_cli_writes_an_mp4(model_dir, tmp_path):
   assert latents.shape == (9, 4, 6, 4) and np.isfinite(latents).all()
 
 
+@pytest.mark.slow  # suite budget (two runs of two prompts)
+def test_offload_dit_changes_no_sample(model_dir, tmp_path):
+  """--offload_dit moves the DiT's params to the host for each decode and back for the next
+  prompt: the latents of both prompts are the ones without it, bit for bit."""
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a red cat\nthe blue sky\n")
+  runs = {}
+  for flag in ([], ["--offload_dit"]):
+    out = tmp_path / ("off" if flag else "on") / "v.mp4"
+    args = sample.parser().parse_args([
+        f"--model_dir={model_dir}", f"--prompts_file={prompts}", "--num_frames=9",
+        "--height=16", "--width=16", "--steps=2", "--first_chunk_steps=2", "--dtype=float32",
+        f"--output={out}", "--save_latents", "--quiet", *flag])
+    runs[bool(flag)] = [np.load(p.with_suffix(".latents.npy")) for p in sample.run(args)]
+  assert len(runs[True]) == 2
+  for a, b in zip(runs[False], runs[True]):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(runs[True][0], runs[True][1])  # two prompts, two videos
+
+
 def test_prompts_file_and_part_overrides(model_dir, tmp_path):
   prompts = tmp_path / "p.txt"
   prompts.write_text("a red cat\n\nthe blue sky\n")

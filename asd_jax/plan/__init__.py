@@ -340,8 +340,10 @@ def plan_sampler(config, target: targets.Target, mesh, sample_argv: Sequence[str
                                                          method="decode_chunk")[1],
                                vae_params, state0, chunk)
   # What the sample CLI holds meanwhile (it frees the text encoder before sampling): the VAE's
-  # params while the sampler runs; the DiT's params and the whole video's latents while it decodes.
-  during_decode = argument_bytes((sampler_args[0], sampler_args[2]))
+  # params while the sampler runs; the DiT's params (unless --offload_dit) and the whole video's
+  # latents while it decodes.
+  during_decode = argument_bytes((sampler_args[2],) if args.offload_dit else
+                                 (sampler_args[0], sampler_args[2]))
   jobs = [("sampler", sampler, sampler_args, analytic, argument_bytes(vae_params)),
           ("vae_decode_first_chunk", decoder, (vae_params, abstract(state0), chunk), None,
            during_decode),

@@ -40,6 +40,8 @@ for _name in _SAMPLE_INTS:
 flags.DEFINE_string("first_chunk_timesteps", None, "--sample: the sample CLI's flag")
 flags.DEFINE_string("later_chunk_timesteps", None, "--sample: the sample CLI's flag")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "--sample: the sample CLI's --dtype")
+flags.DEFINE_bool("offload_dit", False, "--sample: the sample CLI's --offload_dit (the DiT's "
+                  "params in host memory while the VAE decodes)")
 # The ODE-pair builder's flags (`python -m asd_jax.data.ode_pairs`), prefixed: --ode_steps=48 ...
 _ODE_PAIRS = flags.DEFINE_bool("ode_pairs", False, "plan the ODE-pair builder's teacher solve "
                                "(the config's models.teacher) instead")
@@ -52,7 +54,8 @@ FLAGS = flags.FLAGS
 
 def _sample_argv() -> list[str]:
   names = _SAMPLE_INTS + ("first_chunk_timesteps", "later_chunk_timesteps", "dtype")
-  return [f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].value is not None]
+  return ([f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].value is not None] +
+          (["--offload_dit"] if FLAGS["offload_dit"].value else []))
 
 
 def _ode_argv() -> list[str]:
