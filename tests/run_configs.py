@@ -18,6 +18,12 @@ def config(name, arg="tiny", **overrides):
   spec.loader.exec_module(module)
   c = module.get_config(arg)
   c.progress = False
+  return override(c, **overrides)
+
+
+def override(c, **overrides):
+  """Sets `overrides` on the ConfigDict `c`, by dotted field names ("asd.alpha") or plain ones;
+  returns `c`."""
   for key, value in overrides.items():
     node = c
     *path, leaf = key.split(".")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import pytest
+import run_configs
 
 from asd_jax.toy import config as toy_config
 from asd_jax.train import config as run_config
@@ -23,13 +24,7 @@ def _tiny(stage="asd", **overrides):
   if stage == "dmd":
     c.update_ratio = (1, 1, 0)
   c.progress = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_configs.override(c, **overrides)
 
 
 # (field, bad value, the message's rule); every message also names the field and the value.
