@@ -369,12 +369,10 @@ def ode_pairs_request(argv: Sequence[str] = ()):
                    f"`python -m asd_jax.data.ode_pairs --help`.") from None
   try:
     training = ode_cli.check_args(args)
-    for name in ("frames", "height", "width", "batch_size"):
-      if getattr(args, name) < 1:
-        raise BadInput(f"--ode_{name} must be >= 1, got {getattr(args, name)}.")
+    trajectories.check_sizes(args.frames, args.height, args.width, args.batch_size)
     return args, trajectories.ode_timesteps(args.steps, args.shift, training)
   except (cli.UsageError, ValueError) as e:
-    raise BadInput(str(e)) from None
+    raise BadInput(f"the ODE-pair builder refuses these settings (--ode_*): {e}") from None
 
 
 def plan_ode_pairs(config, target: targets.Target, mesh, ode_argv: Sequence[str] = (),

@@ -73,6 +73,7 @@ def main(argv) -> int:
   if _CONFIG.value is None or not _TARGET.value:
     return _error("give --config=configs/NAME.py[:ARG] and --target=TARGET")
   from asd_jax import plan, targets  # pylint: disable=g-import-not-at-top
+  from asd_jax.plan import breakdown as bd  # pylint: disable=g-import-not-at-top
   targets.quiet_cuda_plugin()  # before jax looks for its plugins: GPU targets need it
   config = _CONFIG.value
   try:
@@ -88,9 +89,10 @@ def main(argv) -> int:
   only = tuple(_ONLY.value) if _ONLY.value else None
   efficiency = {}
   if _EFFICIENCY.value is not None:
-    if not 0 < _EFFICIENCY.value <= 1:
-      return _error(f"--kernel_efficiency must be in (0, 1], got {_EFFICIENCY.value}")
-    efficiency = {"kernel_efficiency": _EFFICIENCY.value}
+    try:
+      efficiency = {"kernel_efficiency": bd.check_kernel_efficiency(_EFFICIENCY.value)}
+    except ValueError as e:
+      return _error(f"--{e}")
   try:
     if _ODE_PAIRS.value:
       entries = plan.plan_ode_pairs(config, target, mesh, _ode_argv(), only=only, log=_log,

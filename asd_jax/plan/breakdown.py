@@ -305,6 +305,13 @@ def _fused_flops(comps: dict[str, Computation], name: str | None, depth: int = 0
 # ------------------------------------------------------------------------------------ the model
 
 
+def check_kernel_efficiency(value: float) -> float:
+  """`value` when it is a share of peak in (0, 1]; ValueError otherwise."""
+  if not 0 < value <= 1:
+    raise ValueError(f"kernel_efficiency must be in (0, 1], got {value}")
+  return value
+
+
 def estimate(b: Breakdown, target, analytic_flops: float | None = None,
              attention_flops: float | None = None,
              kernel_efficiency: float = DEFAULT_KERNEL_EFFICIENCY,
@@ -321,8 +328,7 @@ def estimate(b: Breakdown, target, analytic_flops: float | None = None,
     xla_seconds: XLA's own cost-model estimate, kept alongside.
     top: how many of the costliest top-level ops (runs x max(FLOP time, byte time)) to list.
   """
-  if not 0 < kernel_efficiency <= 1:
-    raise ValueError(f"kernel_efficiency must be in (0, 1], got {kernel_efficiency}")
+  check_kernel_efficiency(kernel_efficiency)
   peak, hbm = target.peak_bf16_flops_per_device, target.hbm_bandwidth_per_device
   link = getattr(target, "interconnect_bandwidth_per_device", 0.0) or 0.0
   b.kernel_efficiency = kernel_efficiency

@@ -95,6 +95,14 @@ def ode_timesteps(steps: int = 48, shift: float = 5.0,
                       tuple(indices))
 
 
+def check_sizes(frames: Any, height: Any, width: Any, batch_size: Any) -> None:
+  """OdePairError when a latent size or the batch size is not an int >= 1."""
+  for flag, v in (("frames", frames), ("height", height), ("width", width),
+                  ("batch_size", batch_size)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise OdePairError(f"{flag} must be an int >= 1, got {v!r}.")
+
+
 def check_seed(seed: Any) -> int:
   """The seed as an int, or OdePairError when it is not an int in [0, 2^31)."""
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (

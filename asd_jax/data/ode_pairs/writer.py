@@ -97,10 +97,7 @@ def build_ode_pairs(prompts: str | os.PathLike, teacher: str | os.PathLike,
   if dtype not in ("bfloat16", "float32") or param_dtype not in (None, "bfloat16", "float32"):
     raise OdePairError(f"dtype and param_dtype must be 'bfloat16' or 'float32', got {dtype!r} "
                        f"and {param_dtype!r}.")
-  for flag, v in (("frames", frames), ("height", height), ("width", width),
-                  ("batch_size", batch_size)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise OdePairError(f"{flag} must be an int >= 1, got {v!r}.")
+  trajectories.check_sizes(frames, height, width, batch_size)
   seed = trajectories.check_seed(seed)
   plan_t = trajectories.ode_timesteps(steps, shift, training_timesteps)
   prompts_ds = prompts_lib.PromptDataset(prompts)
